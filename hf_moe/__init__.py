@@ -1,0 +1,36 @@
+"""hf_moe: Mixture-of-Experts decoders (MoE, Switch, MH-MoE) for Hugging Face transformers.
+
+`import hf_moe` registers the model types `hf_moe`, `hf_switch` and `hf_mh_moe` with the Auto classes.
+"""
+
+from .auto import register_auto_classes
+from .modeling import (
+    MHMoeConfig,
+    MHMoeForCausalLM,
+    MHMoeForSequenceClassification,
+    MHMoeModel,
+    MoeCausalLMOutput,
+    MoeConfig,
+    MoeForCausalLM,
+    MoeForSequenceClassification,
+    MoeModel,
+    SwitchConfig,
+    SwitchForCausalLM,
+    SwitchForSequenceClassification,
+    SwitchModel,
+    load_balancing_loss,
+    mh_moe_matched_config,
+    router_z_loss,
+)
+
+__version__ = "0.1.0"
+
+register_auto_classes()
+
+__all__ = [
+    "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config",
+    "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
+    "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
+    "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
+    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
+]

@@ -1,0 +1,22 @@
+"""Architecture definitions of hf_moe, installed as `hf_moe.modeling`.
+
+The two files here are self-contained (torch + transformers only): `save_pretrained` copies them next to the weights
+so that a model folder loads with `trust_remote_code=True` where hf_moe is not installed.
+"""
+
+from .configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig, mh_moe_matched_config
+from .modeling_hf_moe import (
+    MODEL_CLASSES,
+    MHMoeForCausalLM,
+    MHMoeForSequenceClassification,
+    MHMoeModel,
+    MoeCausalLMOutput,
+    MoeForCausalLM,
+    MoeForSequenceClassification,
+    MoeModel,
+    SwitchForCausalLM,
+    SwitchForSequenceClassification,
+    SwitchModel,
+    load_balancing_loss,
+    router_z_loss,
+)

@@ -1,0 +1,692 @@
+"""The hf_moe decoders: top-k MoE (`hf_moe`), Switch (`hf_switch`) and Multi-Head MoE (`hf_mh_moe`).
+
+One Llama-family decoder (RMSNorm, RoPE, grouped-query attention with optional q/k norm, biases and sliding window,
+SwiGLU) is written once; the three architectures differ only in the sparse block that replaces the MLP of the sparse
+layers. Read top to bottom: norm -> rotary -> attention -> dense MLP -> routing and its losses -> experts ->
+sparse blocks -> decoder layer -> pretrained base -> model -> heads.
+
+This file is copied next to the weights by `save_pretrained` and loaded as remote code, so it imports only torch,
+transformers and its own configuration file.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import _grouped_mm
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
+
+
+# ------------------------------------------------------------------------------------------------ norm and rotary
+class MoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class MoeRotaryEmbedding(nn.Module):
+    def __init__(self, config: MoeConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MoeConfig, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim)."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MoeAttention(nn.Module):
+    """Grouped-query attention with the options of the Llama family: q/k/v bias (Qwen2), q/k norm (Qwen3), sliding
+    window (Mistral)."""
+
+    def __init__(self, config: MoeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
+        if config.use_qk_norm:
+            self.q_norm = MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = MoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        is_sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)  # (batch, seq, heads, head_dim)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.use_qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+# ------------------------------------------------------------------------------------------------ dense MLP
+class MoeMLP(nn.Module):
+    """Dense SwiGLU MLP: the FFN of the dense layers, and the always-active shared experts."""
+
+    def __init__(self, config: MoeConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def drop_over_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
+                       capacity_factor: float) -> torch.Tensor:
+    """Zero the combine weight of the assignments that overflow their expert's capacity.
+
+    Capacity = `ceil(capacity_factor * assignments / num_experts)` (Switch Transformer Sec. 2.2). Queues fill in
+    slot-major order, so every token's first choice is served before any second choice (GShard), and in token order
+    within a slot. A dropped assignment keeps a valid expert index with weight 0: the expert output for it is 0 and
+    the residual connection carries the token on.
+    """
+    num_tokens, top_k = top_k_index.shape
+    capacity = max(1, int(-(-capacity_factor * num_tokens * top_k // num_experts)))
+    slot_major = top_k_index.t().reshape(-1)  # (k * tokens,)
+    one_hot = F.one_hot(slot_major, num_experts)  # (k * tokens, experts)
+    position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # (k * tokens,)
+    keep = (position_in_expert < capacity).reshape(top_k, num_tokens).t()  # (tokens, k)
+    return top_k_weights * keep
+
+
+class MoeTopKRouter(nn.Module):
+    """Token-choice router: float32 softmax over the experts, top-k, optional renormalisation and capacity.
+
+    Used by all three architectures (Switch: k=1 with capacity; MH-MoE: on sub-tokens of width d/h). Returns
+    `(router_logits (tokens, E) float32, top_k_weights (tokens, k), top_k_index (tokens, k))`; the logits are the
+    clean ones (no noise), which the load-balancing and z-losses read.
+    """
+
+    def __init__(self, config: MoeConfig, input_size: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter_noise = config.router_jitter_noise
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.weight = nn.Parameter(torch.empty(config.num_experts, input_size))
+        # Noisy top-k gating (Shazeer et al. 2017, eq. 4): H(x) = x W_g + N(0, 1) * softplus(x W_noise).
+        self.noise_weight = (
+            nn.Parameter(torch.empty(config.num_experts, input_size)) if config.router_type == "noisy_topk" else None
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Selective precision (Switch Sec. 2.4): the router runs in float32 whatever the model dtype.
+        router_input = hidden_states.float()  # (tokens, d)
+        if self.training and self.jitter_noise > 0:
+            router_input = router_input * torch.empty_like(router_input).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+            )
+        router_logits = F.linear(router_input, self.weight.float())  # (tokens, E)
+        selection_logits = router_logits
+        if self.noise_weight is not None and self.training:
+            noise_std = F.softplus(F.linear(router_input, self.noise_weight.float()))
+            selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
+        router_probs = selection_logits.softmax(dim=-1)
+        top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor is not None:
+            top_k_weights = drop_over_capacity(top_k_index, top_k_weights, self.num_experts, capacity_factor)
+        return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+def _router_row_mask(attention_mask, num_rows: int, num_subtokens: int, device) -> torch.Tensor | None:
+    """A (rows,) 0/1 float mask of the router rows that belong to real (non-padding) tokens, or None.
+
+    Router rows are (batch * seq * subtokens) for the tokens of *this* forward call, while a 2-D attention mask also
+    covers cached past tokens during generation; only its last `seq` columns apply (the cause of transformers
+    issue 30731 is taking all of them).
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    batch_size = attention_mask.shape[0]
+    seq_len = num_rows // (batch_size * num_subtokens)
+    mask = attention_mask[:, -seq_len:].reshape(-1).to(device=device, dtype=torch.float32)  # (batch * seq,)
+    return mask.repeat_interleave(num_subtokens)  # (batch * seq * subtokens,)
+
+
+def _masked_mean(values: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the rows (dim 0) of `values`, counting only the rows where `row_mask` is 1."""
+    if row_mask is None:
+        return values.mean(0)
+    weights = row_mask.reshape(-1, *([1] * (values.dim() - 1)))
+    return (values * weights).sum(0) / row_mask.sum().clamp(min=1.0)
+
+
+def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
+                        num_subtokens: int = 1) -> torch.Tensor:
+    """Load-balancing loss, Switch Transformer eq. 4 (GShard for k > 1): `E * sum_e f_e * P_e`, averaged over layers.
+
+    `f_e` is the fraction of the (token, choice) assignments that pick expert e (top-k of the clean softmax),
+    `P_e` the mean router probability of e. It equals 1 under uniform routing and E when every token picks one
+    expert with certainty. Padding tokens (attention mask 0) are excluded; MH-MoE sub-tokens count as tokens.
+    """
+    if not router_logits:
+        return torch.zeros(())
+    losses = []
+    for logits in router_logits:
+        probs = logits.float().softmax(dim=-1)  # (rows, E)
+        num_experts = probs.shape[-1]
+        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+        row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
+        dispatch_fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
+        mean_probability = _masked_mean(probs, row_mask)  # P_e, sums to 1
+        losses.append(num_experts * (dispatch_fraction * mean_probability).sum())
+    return torch.stack(losses).mean()
+
+
+def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, num_subtokens: int = 1
+                  ) -> torch.Tensor:
+    """Router z-loss, ST-MoE eq. 5: `mean_tokens(logsumexp(logits)^2)`, averaged over layers; padding excluded."""
+    if not router_logits:
+        return torch.zeros(())
+    losses = []
+    for logits in router_logits:
+        squared_log_z = torch.logsumexp(logits.float(), dim=-1).square()  # (rows,)
+        row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
+        losses.append(_masked_mean(squared_log_z, row_mask))
+    return torch.stack(losses).mean()
+
+
+# ------------------------------------------------------------------------------------------------ experts
+@use_experts_implementation
+class MoeExperts(nn.Module):
+    """E SwiGLU experts stored as fused 3-D tensors: `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`.
+
+    The names and layout are transformers' (Mixtral, Qwen-MoE), so its experts backends (`batched_mm`,
+    `grouped_mm`, ...), FP8, peft `target_parameters` and the tensor/expert-parallel plans apply. The own ("eager")
+    forward below is hf_moe's default: sort the assignments by expert, one grouped matmul per projection, scatter
+    back (see scripts/benchmark.py for its speed against transformers' backends and a dense MLP).
+    """
+
+    def __init__(self, config: MoeConfig, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = hidden_size
+        self.intermediate_dim = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, hidden_size, intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.expert_dropout = config.expert_dropout
+
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        """SwiGLU, plus expert dropout (Switch Table 4); every experts backend calls this."""
+        gate, up = gate_up_out.chunk(2, dim=-1)  # (assignments, I) each
+        return F.dropout(self.act_fn(gate) * up, p=self.expert_dropout, training=self.training)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        top_k = top_k_index.shape[-1]
+        expert_of_assignment = top_k_index.reshape(-1)  # (tokens * k,)
+        order = expert_of_assignment.argsort(stable=True)  # assignments grouped by expert
+        token_of_assignment = order // top_k  # (tokens * k,)
+        tokens_per_expert = torch.bincount(expert_of_assignment, minlength=self.num_experts)
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
+
+        expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (tokens * k, H), sorted by expert
+        gate_up = _grouped_mm(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
+        expert_outputs = _grouped_mm(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
+        combine_weights = top_k_weights.reshape(-1)[order, None].to(expert_outputs.dtype)  # (tokens * k, 1)
+        weighted = (expert_outputs * combine_weights).to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, weighted)  # (tokens, H)
+
+
+# ------------------------------------------------------------------------------------------------ sparse blocks
+class MoeSparseBlock(nn.Module):
+    """Top-k MoE and Switch: `gate` routes each token to k of `experts`; optional always-active shared experts."""
+
+    def __init__(self, config: MoeConfig):
+        super().__init__()
+        self.gate = MoeTopKRouter(config, config.hidden_size)
+        self.experts = MoeExperts(config, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = None
+        if config.num_shared_experts > 0:
+            shared_size = config.num_shared_experts * config.moe_intermediate_size
+            self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
+        _, top_k_weights, top_k_index = self.gate(tokens)
+        output = self.experts(tokens, top_k_index, top_k_weights)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(tokens)
+        return output.reshape(input_shape)
+
+
+class MHMoeSparseBlock(nn.Module):
+    """Multi-Head MoE (arXiv 2404.15045, Sec. 3 and Algorithm 1).
+
+    head projection (d -> d) -> split each token into h sub-tokens of width d/h -> route each sub-token to its
+    top-k experts (acting on d/h) -> merge the sub-tokens back in their original order -> merge projection (d -> d).
+    The decoder layer adds the residual.
+    """
+
+    def __init__(self, config: MHMoeConfig):
+        super().__init__()
+        self.num_heads = config.num_moe_heads
+        self.sub_token_size = config.hidden_size // config.num_moe_heads
+        self.head_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.gate = MoeTopKRouter(config, self.sub_token_size)
+        self.experts = MoeExperts(config, self.sub_token_size, config.moe_intermediate_size)
+        self.merge_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.shared_experts = None
+        if config.num_shared_experts > 0:
+            shared_size = config.num_shared_experts * config.moe_intermediate_size
+            self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_shape = hidden_states.shape
+        sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
+        _, top_k_weights, top_k_index = self.gate(sub_tokens)
+        merged = self.experts(sub_tokens, top_k_index, top_k_weights).reshape(input_shape)  # (batch, seq, d)
+        output = self.merge_proj(merged)
+        if self.shared_experts is not None:
+            output = output + self.shared_experts(hidden_states)
+        return output
+
+
+# By model type, not config class: a remote-code load may hold its own copy of the config classes.
+SPARSE_BLOCKS = {"hf_moe": MoeSparseBlock, "hf_switch": MoeSparseBlock, "hf_mh_moe": MHMoeSparseBlock}
+
+
+# ------------------------------------------------------------------------------------------------ decoder
+class MoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MoeAttention(config, layer_idx)
+        if layer_idx in config.sparse_layer_indices:
+            self.mlp = SPARSE_BLOCKS[config.model_type](config)
+        else:
+            self.mlp = MoeMLP(config, config.hidden_size, config.intermediate_size)
+        self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+@dataclass
+class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus the loss terms separately.
+
+    `loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given.
+    """
+
+    lm_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
+class MoePreTrainedModel(PreTrainedModel):
+    config: MoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # data-dependent expert group sizes
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(MoeTopKRouter, index=0),
+        "hidden_states": MoeDecoderLayer,
+        "attentions": MoeAttention,
+    }
+
+    # `save_pretrained` copies this file and its configuration next to the weights and writes `auto_map`.
+    _auto_class = "AutoModel"
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, MoeExperts):
+            for weight in (module.gate_up_proj, module.down_proj):
+                self._init_matrix(weight, fan_in=weight.shape[-1])
+        elif isinstance(module, MoeTopKRouter):
+            self._init_matrix(module.weight, fan_in=module.weight.shape[-1])
+            if module.noise_weight is not None:
+                init.zeros_(module.noise_weight)  # Shazeer et al. 2017, App. A: start without noise
+        elif isinstance(module, MHMoeSparseBlock):
+            # arXiv 2404.15045, Algorithm 1.
+            init.xavier_uniform_(module.head_proj.weight, gain=2**-0.5)
+            init.xavier_uniform_(module.merge_proj.weight)
+            init.zeros_(module.head_proj.bias)
+            init.zeros_(module.merge_proj.bias)
+        elif isinstance(module, nn.Linear) and config.initializer_scale is not None:
+            self._init_matrix(module.weight, fan_in=module.weight.shape[-1])
+
+    def _init_matrix(self, weight: torch.Tensor, fan_in: int) -> None:
+        """normal(0, initializer_range), or the Switch init: truncated normal, std sqrt(initializer_scale / fan_in)."""
+        if self.config.initializer_scale is None:
+            init.normal_(weight, mean=0.0, std=self.config.initializer_range)
+        else:
+            std = (self.config.initializer_scale / fan_in) ** 0.5
+            init.trunc_normal_(weight, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        # transformers defaults to its "grouped_mm" backend; the experts' own forward is faster for these models
+        # (README, benchmark table), so it is the default here. Any registered backend can still be requested.
+        return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers writes only the saved class into `auto_map`; list every head so that all Auto classes load
+        # the folder as remote code.
+        self.config.auto_map = auto_map_for(type(self.config))
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class MoeModel(MoePreTrainedModel):
+    def __init__(self, config: MoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> MoeModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        if not isinstance(mask_mapping := attention_mask, dict):  # `generate` may have prepared them already
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer_idx, decoder_layer in enumerate(self.layers):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask_mapping[self.config.layer_types[layer_idx]],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        return MoeModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states),
+            past_key_values=past_key_values if use_cache else None,
+        )
+
+
+class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+    _auto_class = "AutoModelForCausalLM"
+    base_model_class = MoeModel
+
+    def __init__(self, config: MoeConfig):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_router_logits: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutput:
+        config = self.config
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
+        # The auxiliary losses are always part of a training loss: a run can never silently train without them.
+        need_router_logits = output_router_logits or labels is not None
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_router_logits=need_router_logits,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = lm_loss = aux_loss = z_loss = None
+        if need_router_logits:
+            aux_loss = load_balancing_loss(outputs.router_logits, config.num_experts_per_tok, attention_mask,
+                                           config.num_subtokens).to(logits.device)
+            z_loss = router_z_loss(outputs.router_logits, attention_mask, config.num_subtokens).to(logits.device)
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
+            loss = lm_loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+
+        return MoeCausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+
+class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrainedModel):
+    _auto_class = "AutoModelForSequenceClassification"
+    base_model_class = MoeModel
+
+    def __init__(self, config: MoeConfig):
+        # GenericForSequenceClassification builds its body with AutoModel, which a remote-code load cannot resolve
+        # without trust_remote_code; build it directly instead.
+        MoePreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = self.base_model_class(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+# ------------------------------------------------------------------------------------------------ Switch, MH-MoE
+class SwitchPreTrainedModel(MoePreTrainedModel):
+    config: SwitchConfig
+
+
+class SwitchModel(SwitchPreTrainedModel, MoeModel):
+    pass
+
+
+class SwitchForCausalLM(SwitchPreTrainedModel, MoeForCausalLM):
+    base_model_class = SwitchModel
+
+
+class SwitchForSequenceClassification(SwitchPreTrainedModel, MoeForSequenceClassification):
+    base_model_class = SwitchModel
+
+
+class MHMoePreTrainedModel(MoePreTrainedModel):
+    config: MHMoeConfig
+
+
+class MHMoeModel(MHMoePreTrainedModel, MoeModel):
+    pass
+
+
+class MHMoeForCausalLM(MHMoePreTrainedModel, MoeForCausalLM):
+    base_model_class = MHMoeModel
+
+
+class MHMoeForSequenceClassification(MHMoePreTrainedModel, MoeForSequenceClassification):
+    base_model_class = MHMoeModel
+
+
+# ------------------------------------------------------------------------------------------------ registry
+MODEL_CLASSES = {
+    MoeConfig: {"AutoModel": MoeModel, "AutoModelForCausalLM": MoeForCausalLM,
+                "AutoModelForSequenceClassification": MoeForSequenceClassification},
+    SwitchConfig: {"AutoModel": SwitchModel, "AutoModelForCausalLM": SwitchForCausalLM,
+                   "AutoModelForSequenceClassification": SwitchForSequenceClassification},
+    MHMoeConfig: {"AutoModel": MHMoeModel, "AutoModelForCausalLM": MHMoeForCausalLM,
+                  "AutoModelForSequenceClassification": MHMoeForSequenceClassification},
+}
+
+
+def auto_map_for(config_class: type) -> dict[str, str]:
+    """The `auto_map` of a saved folder: every Auto class -> `module.Class`, as remote code resolves it."""
+    def reference(cls):
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    auto_map = {"AutoConfig": reference(config_class)}
+    auto_map.update({auto: reference(cls) for auto, cls in MODEL_CLASSES[config_class].items()})
+    return auto_map
+
+
+__all__ = [
+    "MoePreTrainedModel", "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
+    "SwitchPreTrainedModel", "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
+    "MHMoePreTrainedModel", "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
+    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
+]
