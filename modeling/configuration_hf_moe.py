@@ -315,7 +315,7 @@ def mh_moe_matched_config(config: MoeConfig, num_moe_heads: int, num_experts_per
     - FLOPs (Eq. 8): `3 * k * d * d_moe = 2 * d^2 + 3 * k_mh * d * d_mh`, so `d_mh = (k * d_moe - 2d/3) / k_mh`.
     - Parameters (Eq. 9): `E * 3 * d * d_moe = 2 * d^2 + E_mh * 3 * (d/h) * d_mh`, solved for `E_mh` and rounded.
 
-    `k_mh` (experts per sub-token) defaults to h, as in the paper's configurations (h=2: top-2, h=3: top-3).
+    `d_mh` is rounded to a multiple of 8. `k_mh` (experts per sub-token) defaults to h, as in the paper's configurations (h=2: top-2, h=3: top-3).
 
     Example:
     ```python
@@ -330,7 +330,8 @@ def mh_moe_matched_config(config: MoeConfig, num_moe_heads: int, num_experts_per
     _require(d % heads == 0, "num_moe_heads", heads, f"must divide `hidden_size`={d}")
     k_mh = heads if num_experts_per_tok is None else num_experts_per_tok
     d_moe, k, experts = config.moe_intermediate_size, config.num_experts_per_tok, config.num_experts
-    d_mh = round((k * d_moe - 2 * d / 3) / k_mh)
+    # Rounded to a multiple of 8 so the grouped-matmul kernels get 16-byte aligned rows (FLOPs stay within ~1%).
+    d_mh = 8 * round((k * d_moe - 2 * d / 3) / k_mh / 8)
     _require(d_mh >= 1, "num_moe_heads", heads,
              f"no positive expert size matches the FLOPs of top-{k} experts of size {d_moe} at width {d}")
     experts_mh = max(k_mh, round((experts * 3 * d * d_moe - 2 * d * d) / (3 * (d // heads) * d_mh)))

@@ -303,6 +303,24 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, 
 
 
 # ------------------------------------------------------------------------------------------------ experts
+def _is_16_byte_aligned(tensor: torch.Tensor) -> bool:
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all((stride * size) % 16 == 0 for stride in tensor.stride() if stride != 1)
+
+
+def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`inputs (rows, in)` sorted by group, `weights (groups, in, out)`, `offsets (groups,)` cumulative row counts.
+
+    torch's grouped matmul kernel through transformers' dispatcher; that kernel needs 16-byte aligned strides (odd
+    inner sizes break it), so other shapes take transformers' loop-of-matmuls custom op, which has its own backward.
+    """
+    # The backward pass multiplies by (rows, out) gradients, so the output width must be aligned as well.
+    output_row_bytes = weights.shape[-1] * inputs.element_size()
+    if _is_16_byte_aligned(inputs) and _is_16_byte_aligned(weights) and output_row_bytes % 16 == 0:
+        return _grouped_mm(inputs, weights, offsets)
+    return torch.ops.transformers.grouped_mm_fallback(inputs, weights.to(inputs.dtype), offs=offsets)
+
+
 @use_experts_implementation
 class MoeExperts(nn.Module):
     """E SwiGLU experts stored as fused 3-D tensors: `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`.
@@ -338,8 +356,8 @@ class MoeExperts(nn.Module):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
 
         expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (tokens * k, H), sorted by expert
-        gate_up = _grouped_mm(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
-        expert_outputs = _grouped_mm(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
+        gate_up = grouped_matmul(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
+        expert_outputs = grouped_matmul(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
         combine_weights = top_k_weights.reshape(-1)[order, None].to(expert_outputs.dtype)  # (tokens * k, 1)
         weighted = (expert_outputs * combine_weights).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, weighted)  # (tokens, H)
