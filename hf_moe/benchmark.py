@@ -1,7 +1,7 @@
 """Speed of the sparse blocks against transformers' Mixtral block and a dense SwiGLU floor (same run, same weights).
 
-The ratios are what matter: every row is timed in the same process on the same inputs, and each number is the
-median of `repeats` timed calls after a warm-up call.
+The ratios are what matter: every candidate is timed in the same process on the same inputs, interleaved round by
+round, and each ratio is the median over `repeats` rounds of (block time / reference time) in that round.
 """
 
 import statistics
@@ -32,32 +32,42 @@ class SparseBlockBenchmarkArguments:
     seed: int = field(default=0)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` calls, after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def paired_median_seconds(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time every candidate once per round, `repeats` rounds, after one warm-up round.
+
+    Interleaving the candidates makes each round's ratios compare runs made under the same machine load, and the
+    order rotates every round so no candidate always runs first; the caller takes medians of per-round ratios.
+    """
+    for fn in candidates.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    seconds = {name: [] for name in candidates}
+    names = list(candidates)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = candidates[name]
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
-def _time_block(block: nn.Module, hidden: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(forward seconds in eval mode without grad, forward+backward seconds in training mode)."""
-
-    def forward():
+def _forward(block: nn.Module, hidden: torch.Tensor) -> Callable[[], None]:
+    def run():
+        block.eval()
         with torch.no_grad():
             block(hidden)
 
-    def forward_backward():
-        block.zero_grad(set_to_none=True)
-        block(hidden.requires_grad_()).sum().backward()
+    return run
 
-    block.eval()
-    forward_seconds = median_seconds(forward, repeats)
-    block.train()
-    return forward_seconds, median_seconds(forward_backward, repeats)
+
+def _forward_backward(block: nn.Module, hidden: torch.Tensor) -> Callable[[], None]:
+    def run():
+        block.train()
+        block.zero_grad(set_to_none=True)
+        block(hidden.detach().requires_grad_()).sum().backward()
+
+    return run
 
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -82,10 +92,11 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
     mh_config = mh_moe_matched_config(moe_config, num_moe_heads=args.num_moe_heads)
     mh_config = MHMoeConfig(**{**mh_config.to_dict(), "experts_implementation": "eager"})
 
-    def mixtral(top_k: int) -> MixtralSparseMoeBlock:
+    def mixtral(top_k: int, jitter: float = 0.0) -> MixtralSparseMoeBlock:
         config = MixtralConfig(hidden_size=d, intermediate_size=inner, num_local_experts=experts,
                                num_experts_per_tok=top_k)
         config._experts_implementation = "grouped_mm"  # transformers' default experts backend
+        config.router_jitter_noise = jitter  # same extra work as the block under test
         return MixtralSparseMoeBlock(config)
 
     def dense_floor(active_inner: int) -> MoeMLP:
@@ -93,32 +104,33 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
 
     cases = [
         (f"hf_moe top-{k}", MoeSparseBlock(moe_config), mixtral(k), k * inner),
-        (f"hf_switch top-1, capacity {args.switch_capacity_factor}", MoeSparseBlock(switch_config), mixtral(1),
+        (f"hf_switch top-1, capacity {args.switch_capacity_factor}", MoeSparseBlock(switch_config),
+         mixtral(1, switch_config.router_jitter_noise),
          inner),
         (f"hf_mh_moe h={args.num_moe_heads}, top-{mh_config.num_experts_per_tok} of {mh_config.num_experts}, "
          f"expert {mh_config.moe_intermediate_size}", MHMoeSparseBlock(mh_config), None, k * inner),
     ]
     rows = []
     for name, block, reference, active_inner in cases:
-        block = _randomize(block, args.seed).to(dtype)
-        floor_fwd, floor_fb = _time_block(_randomize(dense_floor(active_inner), args.seed).to(dtype), hidden,
-                                          args.repeats)
-        fwd, fb = _time_block(block, hidden, args.repeats)
-        row = dict(block=name, forward_s=fwd, forward_backward_s=fb, dense_forward_s=floor_fwd,
-                   dense_forward_backward_s=floor_fb, vs_dense_forward=fwd / floor_fwd,
-                   vs_dense_forward_backward=fb / floor_fb)
+        candidates = {"block": _randomize(block, args.seed).to(dtype),
+                      "dense": _randomize(dense_floor(active_inner), args.seed).to(dtype)}
         if reference is not None:
-            reference = reference.to(dtype)
-            reference.load_state_dict(block.state_dict(), strict=False)
-            ref_fwd, ref_fb = _time_block(reference, hidden, args.repeats)
-            row.update(mixtral_forward_s=ref_fwd, mixtral_forward_backward_s=ref_fb,
-                       vs_mixtral_forward=fwd / ref_fwd, vs_mixtral_forward_backward=fb / ref_fb)
+            reference.load_state_dict(candidates["block"].state_dict(), strict=False)
+            candidates["mixtral"] = reference.to(dtype)
+        row = dict(block=name)
+        for mode, make in (("forward", _forward), ("forward_backward", _forward_backward)):
+            seconds = paired_median_seconds({key: make(m, hidden) for key, m in candidates.items()}, args.repeats)
+            row[f"{mode}_s"] = statistics.median(seconds["block"])
+            for key in candidates.keys() - {"block"}:
+                ratios = [mine / theirs for mine, theirs in zip(seconds["block"], seconds[key], strict=True)]
+                row[f"{key}_{mode}_s"] = statistics.median(seconds[key])
+                row[f"vs_{key}_{mode}"] = statistics.median(ratios)
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the rows (seconds and ratios; lower is better)."""
+    """A Markdown table of the rows: median seconds and median per-round ratios (lower is better)."""
 
     def ratio(row, key):
         return f"{row[key]:.2f}x" if key in row else "n/a"

@@ -344,7 +344,10 @@ class MoeExperts(nn.Module):
     def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
         """SwiGLU, plus expert dropout (Switch Table 4); every experts backend calls this."""
         gate, up = gate_up_out.chunk(2, dim=-1)  # (assignments, I) each
-        return F.dropout(self.act_fn(gate) * up, p=self.expert_dropout, training=self.training)
+        hidden = self.act_fn(gate) * up
+        if self.training and self.expert_dropout > 0:
+            hidden = F.dropout(hidden, p=self.expert_dropout)
+        return hidden
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:

@@ -1,40 +1,12 @@
 """A saved folder loads with trust_remote_code=True in a process where hf_moe cannot be imported."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from .conftest import MODEL_TYPES, tiny_config
+from hf_moe.remote_check import load_as_remote_code
 
-REMOTE_LOADER = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["hf_moe"] = None  # any `import hf_moe` now raises ImportError
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    folder, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
-    try:
-        import hf_moe  # noqa: F401
-        raise SystemExit("hf_moe is importable; the test would prove nothing")
-    except ImportError:
-        pass
-    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
-    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    base = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    classifier = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
-    torch.save({
-        "logits": model(input_ids=ids).logits,
-        "generated": model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0),
-        "classes": [type(model).__name__, type(base).__name__, type(classifier).__name__],
-        "experts_implementation": model.config._experts_implementation,
-    }, folder + "/remote_result.pt")
-    """
-)
+from .conftest import MODEL_TYPES, tiny_config
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -45,12 +17,22 @@ def test_saved_folder_loads_as_remote_code_without_hf_moe(model_type, tmp_path):
     expected_generation = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     model.save_pretrained(tmp_path)
 
-    result = subprocess.run([sys.executable, "-c", REMOTE_LOADER, str(tmp_path), json.dumps(ids.tolist())],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(tmp_path / "remote_result.pt")
+    remote = load_as_remote_code(tmp_path, ids, max_new_tokens=8)
+
     prefix = {"hf_moe": "Moe", "hf_switch": "Switch", "hf_mh_moe": "MHMoe"}[model_type]
     assert remote["classes"] == [f"{prefix}ForCausalLM", f"{prefix}Model", f"{prefix}ForSequenceClassification"]
+    assert all(module.startswith("transformers_modules.") for module in remote["modules"])
     assert remote["experts_implementation"] == "eager"
     assert (remote["logits"] - expected_logits).abs().max().item() < 1e-6
     assert torch.equal(remote["generated"], expected_generation)
+
+
+def test_without_auto_map_the_folder_does_not_load_so_hf_moe_is_really_absent(tmp_path):
+    import json
+
+    AutoModelForCausalLM.from_config(tiny_config("hf_moe")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["auto_map"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="as remote code failed"):
+        load_as_remote_code(tmp_path, torch.tensor([[3, 4]]))
