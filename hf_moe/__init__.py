@@ -23,6 +23,8 @@ from .modeling import (
     router_z_loss,
 )
 
+from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
+
 __version__ = "0.1.0"
 
 register_auto_classes()
@@ -33,4 +35,5 @@ __all__ = [
     "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
+    "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
 ]

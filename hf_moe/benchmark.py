@@ -56,7 +56,7 @@ def _forward(block: nn.Module, hidden: torch.Tensor) -> Callable[[], None]:
     def run():
         block.eval()
         with torch.no_grad():
-            block(hidden)
+            block(hidden.clone())  # a copy: Mixtral's jitter scales its input in place
 
     return run
 
@@ -65,7 +65,8 @@ def _forward_backward(block: nn.Module, hidden: torch.Tensor) -> Callable[[], No
     def run():
         block.train()
         block.zero_grad(set_to_none=True)
-        block(hidden.detach().requires_grad_()).sum().backward()
+        leaf = hidden.detach().requires_grad_()
+        block(leaf.clone()).sum().backward()  # a non-leaf copy: Mixtral's jitter scales its input in place
 
     return run
 

@@ -7,6 +7,9 @@ import sys
 from transformers import HfArgumentParser
 
 
+POSITIONALS = {"upcycle": ("source", "output_dir")}
+
+
 def _demo(args) -> None:
     from .demo import run_demo
 
@@ -20,11 +23,35 @@ def _benchmark(args) -> None:
     print(format_table(benchmark_sparse_blocks(args)))
 
 
+def _upcycle(args) -> None:
+    from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
+
+    folder = run_upcycle(args)
+    print(f"upcycled model written to {folder}")
+    if args.verify:
+        report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
+        for sample in report.pop("samples"):
+            print(json.dumps(sample, ensure_ascii=False))
+        print(json.dumps(report))
+
+
+def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
+    result, index = [], 0
+    while index < len(argv) and index < len(names) and not argv[index].startswith("-"):
+        result += [f"--{names[index]}", argv[index]]
+        index += 1
+    return result + argv[index:]
+
+
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments
     from .demo import DemoArguments
+    from .upcycling import UpcycleArguments
 
     return {
+        "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
+                    "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
     }
@@ -39,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     arguments_class, run, _ = commands[argv[0]]
     parser = HfArgumentParser(arguments_class, prog=f"hf-moe {argv[0]}")
-    (args,) = parser.parse_args_into_dataclasses(args=argv[1:])
+    options = _with_positionals(argv[1:], POSITIONALS.get(argv[0], ()))
+    (args,) = parser.parse_args_into_dataclasses(args=options)
     run(args)
 
 

@@ -65,6 +65,9 @@ class MoeConfig(PreTrainedConfig):
         moe_intermediate_size (`int`, *optional*): inner size of one expert; `None` means `intermediate_size`.
         norm_topk_prob (`bool`, defaults to `True`): renormalise the k chosen probabilities to sum to 1 (Mixtral);
             `False` keeps the raw softmax probabilities (Qwen-MoE, Switch).
+        straight_through_topk (`bool`, defaults to `False`): with `norm_topk_prob`, divide by the *detached* sum of
+            the k probabilities: the same combine weights, but with top-1 (weight exactly 1) the router still gets the
+            gradient of p (straight-through). Upcycled Switch models use it, so they equal the dense model at step 0.
         router_type (`str`, defaults to `"softmax_topk"`): `"softmax_topk"` (softmax over all experts, in float32,
             then top-k) or `"noisy_topk"` (Shazeer et al. 2017: learned, input-dependent Gaussian noise on the logits
             while training).
@@ -158,6 +161,7 @@ class MoeConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None
     norm_topk_prob: bool = True
+    straight_through_topk: bool = False
     router_type: str = "softmax_topk"
     router_jitter_noise: float = 0.0
     num_shared_experts: int = 0
@@ -200,6 +204,8 @@ class MoeConfig(PreTrainedConfig):
                  self.num_key_value_heads, f"must divide `num_attention_heads`={self.num_attention_heads}")
         _require(1 <= self.num_experts_per_tok <= self.num_experts, "num_experts_per_tok", self.num_experts_per_tok,
                  f"choose 1..{self.num_experts} (`num_experts`={self.num_experts})")
+        _require(not self.straight_through_topk or self.norm_topk_prob, "straight_through_topk",
+                 self.straight_through_topk, "requires `norm_topk_prob=True`")
         _require(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"choose one of {ROUTER_TYPES}")
         for field in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, field)

@@ -213,6 +213,7 @@ class MoeTopKRouter(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.straight_through_topk = config.straight_through_topk
         self.jitter_noise = config.router_jitter_noise
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
@@ -223,21 +224,25 @@ class MoeTopKRouter(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Selective precision (Switch Sec. 2.4): the router runs in float32 whatever the model dtype.
-        router_input = hidden_states.float()  # (tokens, d)
+        # Selective precision (Switch Sec. 2.4): the router runs in at least float32 whatever the model dtype.
+        router_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
+        router_input = hidden_states.to(router_dtype)  # (tokens, d)
         if self.training and self.jitter_noise > 0:
             router_input = router_input * torch.empty_like(router_input).uniform_(
                 1.0 - self.jitter_noise, 1.0 + self.jitter_noise
             )
-        router_logits = F.linear(router_input, self.weight.float())  # (tokens, E)
+        router_logits = F.linear(router_input, self.weight.to(router_dtype))  # (tokens, E)
         selection_logits = router_logits
         if self.noise_weight is not None and self.training:
-            noise_std = F.softplus(F.linear(router_input, self.noise_weight.float()))
+            noise_std = F.softplus(F.linear(router_input, self.noise_weight.to(router_dtype)))
             selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
         router_probs = selection_logits.softmax(dim=-1)
         top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
         if self.norm_topk_prob:
-            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+            norm = top_k_weights.sum(dim=-1, keepdim=True)
+            # Straight-through: a detached denominator keeps the values but lets top-1 weights (p/p = 1) pass p's
+            # gradient to the router (arXiv 2101.03961 Sec. 2.1 on why the router needs that gradient).
+            top_k_weights = top_k_weights / (norm.detach() if self.straight_through_topk else norm)
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if capacity_factor is not None:
             top_k_weights = drop_over_capacity(top_k_index, top_k_weights, self.num_experts, capacity_factor)
@@ -312,11 +317,13 @@ def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.T
     """`inputs (rows, in)` sorted by group, `weights (groups, in, out)`, `offsets (groups,)` cumulative row counts.
 
     torch's grouped matmul kernel through transformers' dispatcher; that kernel needs 16-byte aligned strides (odd
-    inner sizes break it), so other shapes take transformers' loop-of-matmuls custom op, which has its own backward.
+    inner sizes break it) and a float32/bfloat16/float16 dtype, so other cases take transformers' loop-of-matmuls
+    custom op, which has its own backward.
     """
     # The backward pass multiplies by (rows, out) gradients, so the output width must be aligned as well.
     output_row_bytes = weights.shape[-1] * inputs.element_size()
-    if _is_16_byte_aligned(inputs) and _is_16_byte_aligned(weights) and output_row_bytes % 16 == 0:
+    supported_dtype = inputs.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if supported_dtype and _is_16_byte_aligned(inputs) and _is_16_byte_aligned(weights) and output_row_bytes % 16 == 0:
         return _grouped_mm(inputs, weights, offsets)
     return torch.ops.transformers.grouped_mm_fallback(inputs, weights.to(inputs.dtype), offs=offsets)
 

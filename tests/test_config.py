@@ -26,6 +26,7 @@ INVALID = [
     (MoeConfig, dict(num_hidden_layers=2, layer_types=["full_attention"]), "`layer_types`"),
     (MoeConfig, dict(num_hidden_layers=1, layer_types=["local"]), "entries must be 'full_attention'"),
     (MoeConfig, dict(sliding_window=0), "`sliding_window`=0 is invalid"),
+    (MoeConfig, dict(norm_topk_prob=False, straight_through_topk=True), "requires `norm_topk_prob=True`"),
     (SwitchConfig, dict(num_experts_per_tok=2), "Switch routes each token to exactly 1 expert"),
     (MHMoeConfig, dict(hidden_size=48, num_attention_heads=4, num_moe_heads=5), "`num_moe_heads`=5"),
     (MHMoeConfig, dict(num_moe_heads=0), "`num_moe_heads`=0 is invalid"),

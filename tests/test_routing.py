@@ -214,3 +214,18 @@ def test_experts_handle_sizes_the_grouped_kernel_cannot_align(intermediate):
     assert (output - block(hidden)).abs().max().item() < 1e-5
     output.sum().backward()
     assert block.experts.down_proj.grad.abs().sum().item() > 0
+
+
+def test_straight_through_top1_has_weight_one_and_still_trains_the_router():
+    config = tiny_config("hf_switch", norm_topk_prob=True, straight_through_topk=True, capacity_factor=None)
+    block = _random_block(MoeSparseBlock, config)
+    tokens = torch.randn(16, 32)
+    _, weights, _ = block.gate(tokens)
+    assert torch.equal(weights, torch.ones_like(weights))
+    block(tokens[None]).sum().backward()
+    assert block.gate.weight.grad.abs().sum().item() > 0
+    plain = tiny_config("hf_switch", norm_topk_prob=True, capacity_factor=None)
+    plain_block = MoeSparseBlock(plain)
+    plain_block.load_state_dict(block.state_dict())
+    plain_block(tokens[None]).sum().backward()
+    assert plain_block.gate.weight.grad.abs().sum().item() == 0  # p / p has no gradient: why the option exists
