@@ -223,9 +223,11 @@ def test_straight_through_top1_has_weight_one_and_still_trains_the_router():
     _, weights, _ = block.gate(tokens)
     assert torch.equal(weights, torch.ones_like(weights))
     block(tokens[None]).sum().backward()
-    assert block.gate.weight.grad.abs().sum().item() > 0
+    straight_through = block.gate.weight.grad.abs().sum().item()
+    assert straight_through > 0
     plain = tiny_config("hf_switch", norm_topk_prob=True, capacity_factor=None)
     plain_block = MoeSparseBlock(plain)
     plain_block.load_state_dict(block.state_dict())
     plain_block(tokens[None]).sum().backward()
-    assert plain_block.gate.weight.grad.abs().sum().item() == 0  # p / p has no gradient: why the option exists
+    # p / p has no gradient (up to float rounding): why the option exists.
+    assert plain_block.gate.weight.grad.abs().sum().item() < 1e-3 * straight_through
