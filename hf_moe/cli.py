@@ -35,6 +35,12 @@ def _upcycle(args) -> None:
         print(json.dumps(report))
 
 
+def _benchmark_upcycle(args) -> None:
+    from .upcycling.benchmark import benchmark_upcycling
+
+    print(json.dumps(benchmark_upcycling(args), indent=1))
+
+
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
     result, index = [], 0
@@ -48,12 +54,15 @@ def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments
     from .demo import DemoArguments
     from .upcycling import UpcycleArguments
+    from .upcycling.benchmark import UpcycleBenchmarkArguments
 
     return {
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
+        "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
+                              "time and peak memory: streaming upcycling vs in-memory expansion"),
     }
 
 

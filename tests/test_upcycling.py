@@ -280,3 +280,48 @@ def test_memory_stays_bounded_when_upcycling_a_checkpoint_larger_than_a_shard(tm
     assert output_bytes > 250e6
     print(f"peak RSS growth {growth_bytes / 1e6:.0f} MB for a {output_bytes / 1e6:.0f} MB output")
     assert growth_bytes < 0.6 * output_bytes, (growth_bytes, output_bytes)
+
+
+def _word_tokenizer(folder):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(94)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+
+
+def test_calibration_router_rows_come_from_each_experts_prompts(tmp_path):
+    source = tmp_path / "llama"
+    _make_dense(source, "llama", sharded=False)
+    _word_tokenizer(source)
+    prompts = [["w3 w4 w5", "w3 w4"], ["w60 w61 w62"], ["w80 w81"], ["w20 w21 w22 w23"]]
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    folder = upcycle(str(source), str(tmp_path / "calibrated"), router_init="calibration", num_experts=4,
+                     calibration_prompts=str(tmp_path / "prompts.json"))
+    moe = AutoModelForCausalLM.from_pretrained(folder).eval()
+    router = moe.model.layers[1].mlp.gate.weight
+    assert torch.allclose(router.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert (router @ router.T - torch.eye(4)).abs().max().item() > 0.05  # distinct rows
+    assert (folder / "tokenizer.json").exists()
+    # Each expert's own (centred) mean MLP input scores highest on its own router row (Cauchy-Schwarz).
+    dense = _make_dense(tmp_path / "again", "llama", sharded=False)
+    captured = []
+    dense.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    means = []
+    for expert_prompts in prompts:
+        captured.clear()
+        for prompt in expert_prompts:
+            ids = [int(word[1:]) + 3 for word in prompt.split()]
+            dense(input_ids=torch.tensor([ids]))
+        means.append(torch.stack([c.mean(0) for c in captured]).mean(0))
+    means = torch.stack(means)
+    scores = (means - means.mean(0)) @ router.T
+    assert scores.argmax(dim=1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="2 prompt lists; 4 are needed"):
+        (tmp_path / "two.json").write_text(json.dumps(prompts[:2]))
+        upcycle(str(source), str(tmp_path / "bad"), router_init="calibration", num_experts=4,
+                calibration_prompts=str(tmp_path / "two.json"))

@@ -4,6 +4,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,8 +165,8 @@ def _save_config_and_code(config, staging: Path) -> None:
         shutil.copy2(module.__file__, staging / Path(module.__file__).name)
 
 
-def run_upcycle(args: UpcycleArguments) -> Path:
-    """Upcycle as described by `args`; see [`upcycle`]."""
+def prepare(args: UpcycleArguments) -> tuple[DenseCheckpoint, "configuration_hf_moe.MoeConfig", Path]:
+    """Open the source and build the target config and output path; fails before anything is written."""
     dense = open_dense_checkpoint(args.source, args.gguf_file)
     sparse_layers = parse_moe_layers(args.moe_layers, dense.config.num_hidden_layers)
     intermediate = dense.config.intermediate_size
@@ -173,52 +174,73 @@ def run_upcycle(args: UpcycleArguments) -> Path:
     config = upcycled_config(dense.config, args.arch, args.num_experts, args.top_k, sparse_layers,
                              moe_intermediate, args.num_moe_heads, base_model=dense.name)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, dense)
+    return dense, config, output_dir
+
+
+def _calibrated_routers(args: UpcycleArguments, dense: DenseCheckpoint, config) -> dict[int, torch.Tensor]:
+    if args.router_init != "calibration":
+        return {}
+    prompts = json.loads(Path(args.calibration_prompts).read_text())
+    # Split experts share router rows within a virtual group: one prompt list per group.
+    needed = args.num_experts // args.granularity if args.expert_init == "split" else args.num_experts
+    if len(prompts) != needed:
+        raise ValueError(f"`calibration_prompts` has {len(prompts)} prompt lists; {needed} are needed")
+    return calibration_routers(dense.load_dense_model(), dense.load_tokenizer(), prompts,
+                               config.sparse_layer_indices, config.num_subtokens)
+
+
+def upcycled_tensors(dense_tensors: Iterable[tuple[str, torch.Tensor]], config, args: UpcycleArguments,
+                     calibrated: dict[int, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map the dense `(name, tensor)` stream to the upcycled model's tensors, one at a time.
+
+    Everything but the MLPs of the sparse layers passes through unchanged; a sparse layer's gate/up/down are held
+    until all three arrived, then replaced by its router and experts.
+    """
+    generator = torch.Generator().manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    sparse = set(config.sparse_layer_indices)
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in dense_tensors:
+        tensor = tensor.to(dtype) if dtype is not None else tensor
+        match = MLP_WEIGHT.fullmatch(name)
+        if match and int(match["layer"]) in sparse:
+            layer = int(match["layer"])
+            parts = pending.setdefault(layer, {})
+            parts[match["proj"]] = tensor
+            if len(parts) == 3:
+                del pending[layer]
+                yield from _sparse_block_tensors(f"model.layers.{layer}", parts["gate_proj"], parts["up_proj"],
+                                                 parts["down_proj"], config, args, generator, calibrated).items()
+        elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+            yield name, tensor
+
+
+def check_complete(names: set[str], config, source_name: str) -> None:
+    """Raise if the produced tensor names differ from the target model's."""
+    expected = _expected_tensor_names(config)
+    if names != expected:
+        raise UnsupportedCheckpointError(
+            f"{source_name}: the checkpoint does not match its config; missing tensors: "
+            f"{sorted(expected - names)[:8]}, unexpected tensors: {sorted(names - expected)[:8]}"
+        )
+
+
+def run_upcycle(args: UpcycleArguments) -> Path:
+    """Upcycle as described by `args`; see [`upcycle`]."""
+    dense, config, output_dir = prepare(args)
     if output_dir.exists() and not args.overwrite:
         raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
     if args.breaks_equivalence:
         logger.warning("%s: this initialisation changes the dense model's function on purpose", output_dir)
+    calibrated = _calibrated_routers(args, dense, config)
 
-    calibrated = {}
-    if args.router_init == "calibration":
-        prompts = json.loads(Path(args.calibration_prompts).read_text())
-        # Split experts share router rows within a virtual group: one prompt list per group.
-        needed = args.num_experts // args.granularity if args.expert_init == "split" else args.num_experts
-        if len(prompts) != needed:
-            raise ValueError(f"`calibration_prompts` has {len(prompts)} prompt lists; {needed} are needed")
-        calibrated = calibration_routers(dense.load_dense_model(), dense.load_tokenizer(), prompts, sparse_layers,
-                                         config.num_subtokens)
-
-    generator = torch.Generator().manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    sparse = set(sparse_layers)
     with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
         writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
-        pending: dict[int, dict[str, torch.Tensor]] = {}
         progress = tqdm(dense.tensors(), total=len(dense.tensor_names), desc=f"upcycling -> {args.arch}",
                         unit="tensor")
-        for name, tensor in progress:
-            tensor = tensor.to(dtype) if dtype is not None else tensor
-            match = MLP_WEIGHT.fullmatch(name)
-            if match and int(match["layer"]) in sparse:
-                layer = int(match["layer"])
-                parts = pending.setdefault(layer, {})
-                parts[match["proj"]] = tensor
-                if len(parts) == 3:
-                    del pending[layer]
-                    block = _sparse_block_tensors(f"model.layers.{layer}", parts["gate_proj"], parts["up_proj"],
-                                                  parts["down_proj"], config, args, generator, calibrated)
-                    for block_name, block_tensor in block.items():
-                        writer.add(block_name, block_tensor)
-                continue
-            if name == "lm_head.weight" and config.tie_word_embeddings:
-                continue
+        for name, tensor in upcycled_tensors(progress, config, args, calibrated):
             writer.add(name, tensor)
-        written, expected = writer.names, _expected_tensor_names(config)
-        if written != expected:
-            raise UnsupportedCheckpointError(
-                f"{dense.name}: the checkpoint does not match its config; missing tensors: "
-                f"{sorted(expected - written)[:8]}, unexpected tensors: {sorted(written - expected)[:8]}"
-            )
+        check_complete(writer.names, config, dense.name)
         writer.finish()
         config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
         _save_config_and_code(config, staging)
@@ -227,4 +249,3 @@ def run_upcycle(args: UpcycleArguments) -> Path:
                          args.breaks_equivalence)
     logger.info("upcycled %s into %s", dense.name, output_dir)
     return output_dir
-

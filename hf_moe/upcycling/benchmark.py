@@ -1,0 +1,105 @@
+"""Time and peak memory of streaming upcycling against loading the dense model with transformers and expanding it
+in memory, on a synthetic dense Llama checkpoint (~1.1B parameters by default, TinyLlama's shape)."""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from .upcycle import UpcycleArguments, check_complete, prepare, run_upcycle, upcycled_tensors
+from .writer import ShardedSafetensorsWriter, parse_size
+
+
+@dataclass
+class UpcycleBenchmarkArguments:
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    vocab_size: int = 32000
+    num_experts: int = 8
+    shard_size: str = field(default="2GB", metadata={"help": "input and output shard size"})
+    workdir: str | None = field(default=None, metadata={"help": "scratch folder (default: a temporary one)"})
+
+
+def write_synthetic_dense(folder: Path, args: UpcycleBenchmarkArguments) -> int:
+    """A random bfloat16 Llama checkpoint written shard by shard; returns its parameter count."""
+    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
+                         num_key_value_heads=args.num_key_value_heads, vocab_size=args.vocab_size, dtype="bfloat16")
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {name: tensor.shape for name, tensor in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    writer = ShardedSafetensorsWriter(folder, parse_size(args.shard_size))
+    for name, shape in shapes.items():
+        writer.add(name, (torch.randn(shape) * 0.02).to(torch.bfloat16))
+    writer.finish()
+    return sum(shape.numel() for shape in shapes.values())
+
+
+def upcycle_streaming(source: str, output_dir: str, num_experts: int, shard_size: str) -> None:
+    run_upcycle(UpcycleArguments(source=source, output_dir=output_dir, num_experts=num_experts,
+                                 max_shard_size=shard_size))
+
+
+def upcycle_in_memory(source: str, output_dir: str, num_experts: int, shard_size: str) -> None:
+    """The reference: the whole dense model through transformers, the whole expanded model in memory, then
+    `save_pretrained`."""
+    from ..modeling import MODEL_CLASSES
+
+    args = UpcycleArguments(source=source, output_dir=output_dir, num_experts=num_experts)
+    _, config, _ = prepare(args)
+    dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    state = dict(upcycled_tensors(dense.state_dict().items(), config, args))
+    check_complete(set(state), config, source)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[type(config)]["AutoModelForCausalLM"](config)
+    model.load_state_dict(state, assign=True)
+    model.save_pretrained(output_dir, max_shard_size=shard_size)
+
+
+_PROBE = (
+    "import json, resource, sys, time\n"
+    "from hf_moe.upcycling import benchmark\n"
+    "start = time.perf_counter()\n"
+    "getattr(benchmark, sys.argv[1])(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])\n"
+    "print(json.dumps({'seconds': time.perf_counter() - start,\n"
+    "                  'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))\n"
+)
+
+
+def _measure(function: str, source: Path, output: Path, args: UpcycleBenchmarkArguments) -> dict:
+    completed = subprocess.run([sys.executable, "-c", _PROBE, function, str(source), str(output),
+                                str(args.num_experts), args.shard_size], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{function} failed:\n{completed.stderr[-3000:]}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result["output_gib"] = sum(p.stat().st_size for p in output.glob("*.safetensors")) / 2**30
+    return result
+
+
+def benchmark_upcycling(args: UpcycleBenchmarkArguments) -> dict:
+    """Both approaches, each in a fresh process (peak RSS is the process's maximum resident set)."""
+    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+        scratch = Path(scratch)
+        start = time.perf_counter()
+        parameters = write_synthetic_dense(scratch / "dense", args)
+        report = {"dense_parameters_billion": parameters / 1e9, "synthetic_write_seconds": time.perf_counter() - start,
+                  "dense_gib": sum(p.stat().st_size for p in (scratch / "dense").glob("*.safetensors")) / 2**30}
+        report["streaming"] = _measure("upcycle_streaming", scratch / "dense", scratch / "streamed", args)
+        shutil.rmtree(scratch / "streamed")
+        report["in_memory"] = _measure("upcycle_in_memory", scratch / "dense", scratch / "in_memory", args)
+        shutil.rmtree(scratch / "in_memory")
+    report["memory_ratio_in_memory_over_streaming"] = (report["in_memory"]["peak_rss_gib"]
+                                                       / report["streaming"]["peak_rss_gib"])
+    report["time_ratio_in_memory_over_streaming"] = report["in_memory"]["seconds"] / report["streaming"]["seconds"]
+    return report
