@@ -22,7 +22,6 @@ from .modeling import (
     mh_moe_matched_config,
     router_z_loss,
 )
-
 from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
 
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ import sys
 
 from transformers import HfArgumentParser
 
-
 POSITIONALS = {"upcycle": ("source", "output_dir")}
 
 

@@ -20,3 +20,11 @@ from .modeling_hf_moe import (
     load_balancing_loss,
     router_z_loss,
 )
+
+__all__ = [
+    "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config", "MODEL_CLASSES",
+    "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
+    "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
+    "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
+    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
+]

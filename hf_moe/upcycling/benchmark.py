@@ -77,7 +77,16 @@ _PROBE = (
 )
 
 
+def _read_through(folder: Path) -> None:
+    """Read every file once so both approaches start with the dense checkpoint in the page cache."""
+    for path in folder.iterdir():
+        with path.open("rb") as handle:
+            while handle.read(1 << 26):
+                pass
+
+
 def _measure(function: str, source: Path, output: Path, args: UpcycleBenchmarkArguments) -> dict:
+    _read_through(source)
     completed = subprocess.run([sys.executable, "-c", _PROBE, function, str(source), str(output),
                                 str(args.num_experts), args.shard_size], capture_output=True, text=True)
     if completed.returncode != 0:

@@ -82,14 +82,17 @@ class DenseCheckpoint:
         return AutoTokenizer.from_pretrained(self.folder)
 
 
-def check_supported(config: PreTrainedConfig, source: str) -> None:
-    """Raise `UnsupportedCheckpointError` naming what was found and what is supported."""
-    model_type = getattr(config, "model_type", None)
+def _check_model_type(model_type: str | None, source: str) -> None:
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedCheckpointError(
             f"{source}: architecture '{model_type}' is not supported for upcycling; supported dense Llama-family "
             f"architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+
+
+def check_supported(config: PreTrainedConfig, source: str) -> None:
+    """Raise `UnsupportedCheckpointError` naming what was found and what is supported."""
+    _check_model_type(getattr(config, "model_type", None), source)
     if getattr(config, "mlp_bias", False):
         raise UnsupportedCheckpointError(f"{source}: MLPs with bias (`mlp_bias=True`) are not supported")
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
@@ -164,11 +167,7 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
         raw = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise UnsupportedCheckpointError(f"{source}: config.json is not valid JSON: {error}") from error
-    if raw.get("model_type") not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedCheckpointError(
-            f"{source}: architecture '{raw.get('model_type')}' is not supported for upcycling; supported dense "
-            f"Llama-family architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    _check_model_type(raw.get("model_type"), str(source))  # before AutoConfig, which fails on unknown types
     config = AutoConfig.from_pretrained(path)
     check_supported(config, str(source))
     return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=_read_weight_map(path))
