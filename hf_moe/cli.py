@@ -6,7 +6,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-POSITIONALS = {"upcycle": ("source", "output_dir")}
+POSITIONALS = {"upcycle": ("source", "output_dir"), "finetune": ("model_path",), "evaluate": ("model_path",)}
 
 
 def _demo(args) -> None:
@@ -34,6 +34,20 @@ def _upcycle(args) -> None:
         print(json.dumps(report))
 
 
+def _finetune(args) -> None:
+    from .training import run_finetune
+
+    print(f"fine-tuned model written to {run_finetune(args)}")
+
+
+def _evaluate(args) -> None:
+    from .training import run_evaluate
+
+    report = run_evaluate(args)
+    report.pop("expert_specialisation", None)
+    print(json.dumps(report, indent=1))
+
+
 def _benchmark_upcycle(args) -> None:
     from .upcycling.benchmark import benchmark_upcycling
 
@@ -52,6 +66,7 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments
     from .demo import DemoArguments
+    from .training import EvaluateArguments, FinetuneArguments
     from .upcycling import UpcycleArguments
     from .upcycling.benchmark import UpcycleBenchmarkArguments
 
@@ -59,6 +74,10 @@ def _commands() -> dict:
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
+        "finetune": (FinetuneArguments, _finetune, "MODEL_PATH: instruction-tune with the MoE callbacks "
+                     "(default data: the embedded task mixture)"),
+        "evaluate": (EvaluateArguments, _evaluate, "MODEL_PATH: perplexity, exact match per task family, "
+                     "expert specialisation"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
         "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),

@@ -587,6 +587,20 @@ class MoeModel(MoePreTrainedModel):
         )
 
 
+def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+    """This micro-batch's share of the label tokens of the whole optimizer step.
+
+    Under gradient accumulation (and token averaging across processes) transformers' Trainer passes
+    `num_items_in_batch`, divides the LM loss by it and no longer divides by the accumulation steps; a per-micro-batch
+    auxiliary loss would then count once per micro-batch (transformers issue 48690). Weighting it by this share makes
+    the accumulated auxiliary term the token-weighted mean over the micro-batches, as in a single large batch.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    local_items = labels[..., 1:].ne(-100).sum()  # counted as the Trainer counts: shifted causal-LM labels
+    return local_items / torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
+
+
 class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -628,7 +642,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             z_loss = router_z_loss(outputs.router_logits, attention_mask, config.num_subtokens).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
-            loss = lm_loss + config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+            aux_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+            loss = lm_loss + aux_terms * _share_of_accumulated_batch(labels, kwargs.get("num_items_in_batch"))
 
         return MoeCausalLMOutput(
             loss=loss,

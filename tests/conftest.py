@@ -35,3 +35,44 @@ def model_type(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + specials) with a chat template: real text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>",
+                                                          *sorted(alphabet)])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", additional_special_tokens=["<|user|>", "<|assistant|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_upcycled(tmp_path_factory):
+    """A tiny random Llama with a byte tokenizer, upcycled into a 4-expert top-2 hf_moe folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_moe import upcycle
+
+    root = tmp_path_factory.mktemp("tiny_upcycled")
+    tokenizer = byte_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "dense")
+    tokenizer.save_pretrained(root / "dense")
+    return upcycle(str(root / "dense"), str(root / "moe"), num_experts=4, top_k=2)

@@ -1,0 +1,169 @@
+"""Trainer callbacks for MoE runs: expert statistics in every logger, a load heatmap, and the non-finite guard."""
+
+import inspect
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
+
+from .heatmap import save_load_heatmap
+from .router_stats import RouterStatsRecorder
+
+logger = logging.getLogger(__name__)
+
+
+def _calling_callback_handler() -> CallbackHandler | None:
+    """The `CallbackHandler` dispatching the current event (found on the call stack)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, CallbackHandler):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class _FirstInLineCallback(TrainerCallback):
+    """Moves itself to the front of the Trainer's callbacks when the Trainer is built.
+
+    The Trainer appends `logs` to `state.log_history` and then calls `on_log` on the reporting integrations
+    (TensorBoard, W&B, ...) before user callbacks, so keys a user callback adds in `on_log` reach neither. Running
+    first, this callback adds its keys to `logs` (seen by every reporter after it) and to the `log_history` entry.
+    """
+
+    handler: CallbackHandler | None = None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self.handler = _calling_callback_handler()
+        if self.handler is None:
+            logger.warning("%s could not find the Trainer's callback handler; its keys reach log_history only",
+                           type(self).__name__)
+            return
+        callbacks = self.handler.callbacks
+        # Moving an element from position i to 0 keeps the handler's running loop on the right next element.
+        callbacks.remove(self)
+        callbacks.insert(0, self)
+
+    def _add_to_logs(self, state, logs: dict, values: dict) -> None:
+        logs.update(values)
+        if state.log_history:
+            state.log_history[-1].update(values)
+
+
+class ExpertStatsCallback(_FirstInLineCallback):
+    """Logs MoE statistics at every logging step into `state.log_history` and every `report_to` logger.
+
+    Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the model's LM loss, load-balancing
+    loss and z-loss (`moe/model_lm_loss`, `moe/model_aux_loss`, `moe/model_z_loss`), the router's own aux and z-loss,
+    the fraction of assignments per expert, imbalance (max/mean and coefficient of variation), router entropy,
+    dropped fraction (capacity), expert activation rate and, for MH-MoE, distinct experts per token. At every save
+    and evaluation a per-layer x per-expert load heatmap (PNG) is written to the output folder and, with TensorBoard,
+    logged as an image.
+
+    Example:
+    ```python
+    >>> trainer = Trainer(model=moe, args=args, train_dataset=ds, callbacks=[ExpertStatsCallback()])
+    ```
+    """
+
+    def __init__(self, per_expert: bool = True, heatmap: bool = True):
+        self.per_expert = per_expert
+        self.heatmap = heatmap
+        self.recorder: RouterStatsRecorder | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.recorder is None:
+            self.recorder = RouterStatsRecorder(model, only_training=True)
+            if not self.recorder.routers:
+                logger.warning("ExpertStatsCallback: the model has no hf_moe routers; nothing will be logged")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.recorder is None or logs is None or "loss" not in logs:  # training logs only
+            return
+        self._add_to_logs(state, logs, self.recorder.summary(per_expert=self.per_expert))
+        self.recorder.reset()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write_heatmap(args, state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._write_heatmap(args, state)
+
+    def _write_heatmap(self, args, state) -> Path | None:
+        if not self.heatmap or self.recorder is None or not self.recorder.routers:
+            return None
+        layers, matrix = self.recorder.load_matrix(cumulative=True)
+        if matrix.sum() == 0:
+            return None
+        path = Path(args.output_dir) / "expert_load" / f"expert_load_step{state.global_step}.png"
+        image = save_load_heatmap(matrix, layers, path, title=f"expert load up to step {state.global_step}")
+        for callback in self.handler.callbacks if self.handler else []:
+            writer = getattr(callback, "tb_writer", None)
+            if writer is not None:
+                writer.add_image("moe/expert_load", image, state.global_step, dataformats="HWC")
+                writer.flush()
+        return path
+
+
+class NonFiniteGuardCallback(_FirstInLineCallback):
+    """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
+    after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
+
+    A skipped step changes no weight and no optimizer state: the optimizer's `step` is not run for it. Skips are
+    counted and logged (`moe/nonfinite_skipped_steps`). On the N-th consecutive skip the callback sets
+    `rollback_requested` and stops training; [`train_with_rollback`] then resumes from the last checkpoint with a
+    reshuffled data order.
+    """
+
+    def __init__(self, max_consecutive: int = 3):
+        if max_consecutive < 1:
+            raise ValueError(f"`max_consecutive`={max_consecutive} is invalid: must be >= 1")
+        self.max_consecutive = max_consecutive
+        self.skipped_steps = 0
+        self.consecutive = 0
+        self.rollback_requested = False
+        self.rollbacks = 0
+        self._skipping = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if all_gradients_finite(model):
+            self.consecutive = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive += 1
+        logger.warning("non-finite gradients at step %d: optimizer step skipped (%d in a row)",
+                       state.global_step + 1, self.consecutive)
+        original_step = optimizer.step
+        optimizer.step = lambda *a, **k: None  # this step only; restored in on_optimizer_step
+        self._skipping = (optimizer, original_step)
+        if self.consecutive >= self.max_consecutive:
+            self.rollback_requested = True
+            control.should_training_stop = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._skipping is not None:
+            optimizer, original_step = self._skipping
+            optimizer.step = original_step
+            self._skipping = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:
+            self._add_to_logs(state, logs, {"moe/nonfinite_skipped_steps": float(self.skipped_steps)})
+
+
+@torch.no_grad()
+def all_gradients_finite(model: torch.nn.Module) -> bool:
+    """True when every parameter gradient is finite (one fused norm per device, one host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return math.isfinite(torch.stack([n.float().cpu() for n in norms]).sum().item())

@@ -1,0 +1,115 @@
+"""`evaluate`: perplexity, exact match per task family (via the `evaluate` library) and expert specialisation."""
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import evaluate
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..data import build_mixture
+from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..metrics import EXACT_MATCH_PATH
+from .heatmap import save_load_heatmap
+from .router_stats import RouterStatsRecorder
+
+
+@dataclass
+class EvaluateArguments:
+    model_path: str = field(default="runs/finetune", metadata={"help": "model folder with its tokenizer"})
+    report_dir: str | None = field(default=None, metadata={"help": "default: <model_path>/evaluation"})
+    eval_per_family: int = field(default=20, metadata={"help": "examples per task family"})
+    train_per_family: int = field(default=200, metadata={
+        "help": "as in finetune: the validation prompts are drawn disjoint from that many training prompts"})
+    max_new_tokens: int = 12
+    seed: int = 0
+
+
+def _chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
+    text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, report_dir: Path | None = None
+                   ) -> dict:
+    """Per split: perplexity over response tokens and exact match per family; per family: expert load.
+
+    `splits` maps a split name to a dataset with `family`, `messages` and `answer` columns.
+    """
+    ensure_chat_template(tokenizer)
+    model.eval()
+    exact_match = evaluate.load(EXACT_MATCH_PATH)
+    recorder = RouterStatsRecorder(model, only_training=False)
+    family_loads = {}
+    report = {}
+    try:
+        for split_name, dataset in splits.items():
+            nll, tokens = 0.0, 0
+            predictions, references = defaultdict(list), defaultdict(list)
+            for row in dataset:
+                recorder.reset()
+                features = tokenize_for_sft(tokenizer, row["messages"], max_length=512)
+                ids, labels = torch.tensor([features["input_ids"]]), torch.tensor([features["labels"]])
+                outputs = model(input_ids=ids, labels=labels)
+                count = int((labels[:, 1:] != -100).sum())
+                nll += float(outputs.get("lm_loss", outputs.loss)) * count
+                tokens += count
+                if recorder.routers:
+                    _, load = recorder.load_matrix(cumulative=False)
+                    family_loads.setdefault(row["family"], []).append(load)
+                prompt = _chat_prompt_ids(tokenizer, row["messages"])
+                generated = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                answer = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
+                predictions[row["family"]].append(answer.strip().split("\n")[0])
+                references[row["family"]].append(row["answer"])
+            per_family = {family: exact_match.compute(predictions=predictions[family],
+                                                      references=references[family])["exact_match"]
+                          for family in predictions}
+            report[split_name] = {
+                "perplexity": math.exp(nll / max(tokens, 1)),
+                "loss": nll / max(tokens, 1),
+                "exact_match": sum(per_family.values()) / max(len(per_family), 1),
+                "exact_match_per_family": per_family,
+                "examples": {family: list(zip(predictions[family][:3], references[family][:3], strict=True))
+                             for family in predictions},
+            }
+    finally:
+        recorder.remove()
+    if family_loads:
+        report["expert_specialisation"] = _specialisation(family_loads, recorder, report_dir)
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        (report_dir / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _specialisation(family_loads: dict, recorder: RouterStatsRecorder, report_dir: Path | None) -> dict:
+    """Which experts each family uses per layer: mean load fractions, the top expert per layer, and plots."""
+    layers = sorted(recorder.routers)
+    result = {}
+    family_matrix = []
+    for family, loads in family_loads.items():
+        mean = torch.stack(loads).mean(0)  # (layers, E)
+        family_matrix.append(mean.mean(0))
+        result[family] = {"top_expert_per_layer": dict(zip(layers, mean.argmax(-1).tolist(), strict=True)),
+                          "load_per_layer": mean.tolist()}
+        if report_dir is not None:
+            save_load_heatmap(mean, layers, report_dir / f"experts_{family}.png", title=f"expert load: {family}")
+    if report_dir is not None:
+        save_load_heatmap(torch.stack(family_matrix), list(family_loads), report_dir / "experts_by_family.png",
+                          title="expert load by task family (mean over layers)", row_label="task family")
+    return result
+
+
+def run_evaluate(args: EvaluateArguments) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=args.seed)
+    report_dir = Path(args.report_dir) if args.report_dir else Path(args.model_path) / "evaluation"
+    return evaluate_model(model, tokenizer, {"validation": mixture["validation"], "heldout": mixture["heldout"]},
+                          args.max_new_tokens, report_dir)

@@ -1,0 +1,127 @@
+"""Expert statistics read from the routers with forward hooks: load per expert, imbalance, entropy, drops, losses."""
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..modeling.modeling_hf_moe import load_balancing_loss, router_z_loss
+
+ROUTER_CLASS_NAME = "MoeTopKRouter"  # matched by name: remote-code loads have their own copy of the class
+
+
+def find_routers(model: nn.Module) -> dict[int, nn.Module]:
+    """{decoder layer index: router} for every sparse layer of an hf_moe model (also inside peft wrappers)."""
+    routers = {}
+    for name, module in model.named_modules():
+        if type(module).__name__ == ROUTER_CLASS_NAME:
+            parts = name.split(".")
+            layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else len(routers)
+            routers[layer] = module
+    return routers
+
+
+class RouterStatsRecorder:
+    """Accumulates per-layer routing statistics from the routers' outputs until `summary()` is read.
+
+    Recorded per sparse layer: router rows (tokens, or sub-tokens for MH-MoE), assignments per expert, dropped
+    assignments (capacity), summed router entropy, the load-balancing loss and z-loss of each forward call, and the
+    number of distinct experts the sub-tokens of one token reach (MH-MoE). Work per forward call is a handful of
+    reductions on the (tokens, E) router output, done without gradient.
+    """
+
+    def __init__(self, model: nn.Module, only_training: bool = True):
+        self.routers = find_routers(model)
+        self.only_training = only_training
+        self.num_subtokens = getattr(getattr(model, "config", None), "num_subtokens", 1)
+        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+        # The model's own loss terms (lm_loss, aux_loss, z_loss of MoeCausalLMOutput), as the Trainer computed them.
+        self.handles.append(model.register_forward_hook(self._record_loss_terms))
+        self.reset()
+        self.cumulative_load = {layer: torch.zeros(router.num_experts) for layer, router in self.routers.items()}
+
+    def reset(self) -> None:
+        self.loss_terms = defaultdict(list)
+        self.totals = defaultdict(lambda: defaultdict(float))
+        self.loads = {layer: torch.zeros(router.num_experts) for layer, router in self.routers.items()}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _record_loss_terms(self, module, inputs, outputs) -> None:
+        if self.only_training and not module.training:
+            return
+        for key in ("lm_loss", "aux_loss", "z_loss"):
+            value = getattr(outputs, key, None)
+            if isinstance(value, torch.Tensor):
+                self.loss_terms[key].append(value.detach().float().item())
+
+    def _hook(self, layer: int):
+        def record(module, inputs, outputs):
+            if self.only_training and not module.training:
+                return
+            with torch.no_grad():
+                self._record(layer, module, *outputs)
+
+        return record
+
+    def _record(self, layer: int, router, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
+        totals = self.totals[layer]
+        rows, top_k = index.shape
+        load = torch.bincount(index.reshape(-1), minlength=router.num_experts).float().cpu()
+        self.loads[layer] += load
+        self.cumulative_load[layer] += load
+        probs = logits.float().softmax(-1)
+        totals["calls"] += 1
+        totals["rows"] += rows
+        totals["assignments"] += rows * top_k
+        totals["dropped"] += (weights == 0).sum().item()
+        totals["entropy"] += -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum().item()
+        totals["aux_loss"] += load_balancing_loss((logits,), top_k).item()
+        totals["z_loss"] += router_z_loss((logits,)).item()
+        if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
+            per_token = index.reshape(rows // self.num_subtokens, -1).sort(dim=-1).values  # (tokens, h * k)
+            distinct = 1 + (per_token[:, 1:] != per_token[:, :-1]).sum(-1)
+            totals["distinct_experts"] += distinct.float().sum().item()
+            totals["tokens"] += per_token.shape[0]
+
+    def load_matrix(self, cumulative: bool = True) -> tuple[list[int], torch.Tensor]:
+        """(layer indices, (layers, E) fraction of assignments per expert)."""
+        loads = self.cumulative_load if cumulative else self.loads
+        layers = sorted(loads)
+        matrix = torch.stack([loads[i] / loads[i].sum().clamp(min=1) for i in layers]) if layers else torch.zeros(0)
+        return layers, matrix
+
+    def summary(self, per_expert: bool = True) -> dict[str, float]:
+        """Metrics since the last `reset()`: `moe/<metric>` averaged over layers and `moe/layer<i>/<metric>`."""
+        metrics, averages = {}, defaultdict(list)
+        for layer in sorted(self.totals):
+            totals, load = self.totals[layer], self.loads[layer]
+            if not totals["calls"]:
+                continue
+            fraction = load / load.sum().clamp(min=1)
+            values = {
+                "aux_loss": totals["aux_loss"] / totals["calls"],
+                "z_loss": totals["z_loss"] / totals["calls"],
+                "imbalance_max_over_mean": (fraction.max() / fraction.mean()).item(),
+                "imbalance_cv": (fraction.std(unbiased=False) / fraction.mean()).item(),
+                "router_entropy": totals["entropy"] / totals["rows"],
+                "dropped_fraction": totals["dropped"] / totals["assignments"],
+                "expert_activation_rate": (load > 0).float().mean().item(),
+            }
+            if totals["tokens"]:
+                values["distinct_experts_per_token"] = totals["distinct_experts"] / totals["tokens"]
+            for key, value in values.items():
+                metrics[f"moe/layer{layer}/{key}"] = value
+                averages[key].append(value)
+            if per_expert:
+                for expert, value in enumerate(fraction.tolist()):
+                    metrics[f"moe/layer{layer}/expert{expert}_fraction"] = value
+        for key, values in averages.items():
+            metrics[f"moe/{key}"] = sum(values) / len(values)
+        # What the model added to the loss (its aux_loss averages the layers the same way as moe/aux_loss).
+        for key, values in self.loss_terms.items():
+            metrics[f"moe/model_{key}"] = sum(values) / len(values)
+        return metrics

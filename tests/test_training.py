@@ -1,0 +1,234 @@
+"""Trainer integration: statistics in every logger, heatmaps, GA scaling, the non-finite guard, freezing, resume,
+the embedded mixture, and a short fine-tune."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from hf_moe.data import HELD_IN_FAMILIES, HELD_OUT_FAMILIES, build_mixture
+from hf_moe.training import (
+    FinetuneArguments,
+    NonFiniteGuardCallback,
+    build_trainer,
+    evaluate_model,
+    freeze_moe,
+    train_with_rollback,
+)
+
+from .conftest import byte_tokenizer
+
+
+def _finetune_args(tmp_path, **overrides):
+    fields = dict(output_dir=str(tmp_path / "run"), train_per_family=8, eval_per_family=2, max_steps=4,
+                  per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=0, logging_steps=2,
+                  save_steps=4, max_length=96, report_to="none")
+    fields.update(overrides)
+    return FinetuneArguments(**fields)
+
+
+def _trainer(tiny_upcycled, tmp_path, extra_callbacks=(), **overrides):
+    args = _finetune_args(tmp_path, model_path=str(tiny_upcycled), **overrides)
+    return build_trainer(args, extra_callbacks=extra_callbacks)
+
+
+def test_expert_statistics_reach_log_history_and_tensorboard(tiny_upcycled, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tiny_upcycled, tmp_path, report_to="tensorboard")
+    names = [type(cb).__name__ for cb in trainer.callback_handler.callbacks]
+    assert names.index("ExpertStatsCallback") < names.index("TensorBoardCallback")  # ahead of the reporters
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for key in ("moe/aux_loss", "moe/z_loss", "moe/model_lm_loss", "moe/model_aux_loss", "moe/model_z_loss",
+                "moe/imbalance_max_over_mean", "moe/imbalance_cv", "moe/router_entropy", "moe/dropped_fraction",
+                "moe/expert_activation_rate", "moe/layer0/expert3_fraction", "moe/layer1/aux_loss",
+                "moe/nonfinite_skipped_steps"):
+        assert key in logged[-1], key
+    fractions = [logged[-1][f"moe/layer0/expert{e}_fraction"] for e in range(4)]
+    assert sum(fractions) == pytest.approx(1.0)
+    assert 0 < logged[-1]["moe/router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+
+    events = EventAccumulator(str(next((tmp_path / "run" / "runs").iterdir())),
+                              size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalar_tags = events.Tags()["scalars"]
+    assert any(tag.endswith("moe/aux_loss") for tag in scalar_tags), scalar_tags
+    assert any(tag.endswith("moe/layer0/expert0_fraction") for tag in scalar_tags)
+    assert "moe/expert_load" in events.Tags()["images"]
+    heatmaps = list((tmp_path / "run" / "expert_load").glob("*.png"))
+    assert heatmaps and heatmaps[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def _identical_rows(count, length=12):
+    row = {"input_ids": list(range(5, 5 + length)), "attention_mask": [1] * length,
+           "labels": list(range(5, 5 + length))}
+    return [dict(row) for _ in range(count)]
+
+
+def _one_sgd_step(model_path, tmp_path, batch, accumulation):
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model.config.router_aux_loss_coef, model.config.router_z_loss_coef = 1.0, 1.0  # make the aux terms matter
+    args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+                             lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True,
+                             save_strategy="no", seed=0)
+    Trainer(model=model, args=args, train_dataset=_identical_rows(8)).train()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_scales_aux_losses_like_one_big_batch(tiny_upcycled, tmp_path, monkeypatch):
+    big_batch = _one_sgd_step(tiny_upcycled, tmp_path, batch=8, accumulation=1)
+    accumulated = _one_sgd_step(tiny_upcycled, tmp_path, batch=2, accumulation=4)
+    router = "model.layers.0.mlp.gate.weight"
+    for name, value in big_batch.items():
+        assert torch.allclose(accumulated[name], value, atol=1e-6), name
+    # Without the share-of-batch weighting (the upstream behaviour) the router update is off.
+    from hf_moe.modeling import modeling_hf_moe
+
+    monkeypatch.setattr(modeling_hf_moe, "_share_of_accumulated_batch", lambda labels, items: 1.0)
+    unscaled = _one_sgd_step(tiny_upcycled, tmp_path, batch=2, accumulation=4)
+    assert (unscaled[router] - big_batch[router]).abs().max().item() > 1e-4
+
+
+def _snapshot(model, optimizer):
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {key: {name: value.clone() if torch.is_tensor(value) else value for name, value in values.items()}
+             for key, values in optimizer.state_dict()["state"].items()}
+    return weights, state
+
+
+class _Poison(TrainerCallback):
+    """Makes the loss NaN (so every gradient is NaN) during the given (1-based) steps, once; snapshots weights and
+    optimizer state before and after each poisoned step."""
+
+    def __init__(self, model, steps):
+        self.steps, self.active, self.done = set(steps), False, False
+        model.register_forward_hook(lambda m, i, o: o.__setitem__("loss", o.loss * float("nan"))
+                                    if self.active else None)
+        self.before, self.after = {}, {}
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.active = not self.done and (state.global_step + 1) in self.steps
+        if self.active:
+            self.before[state.global_step + 1] = _snapshot(model, optimizer)
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.active:
+            self.after[state.global_step] = _snapshot(model, optimizer)
+            self.done = state.global_step == max(self.steps)
+        self.active = False
+
+
+def test_nonfinite_step_changes_no_weight_and_no_optimizer_state(tiny_upcycled, tmp_path):
+    trainer = _trainer(tiny_upcycled, tmp_path, max_steps=5)
+    poison = _Poison(trainer.model, steps=[3])
+    trainer.add_callback(poison)
+    trainer.train()
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuardCallback))
+    assert guard.skipped_steps == 1 and not guard.rollback_requested
+    (weights_before, state_before), (weights_after, state_after) = poison.before[3], poison.after[3]
+    for name, value in weights_before.items():
+        assert torch.equal(weights_after[name], value), name
+    assert state_before.keys() == state_after.keys() and state_before
+    for key, values in state_before.items():
+        for name, value in values.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_after[key][name])), (key, name)
+    logged = [entry for entry in trainer.state.log_history if "moe/nonfinite_skipped_steps" in entry]
+    assert logged[-1]["moe/nonfinite_skipped_steps"] == 1.0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    # The steps around it did train.
+    assert any(not torch.equal(p, weights_after[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_consecutive_nonfinite_steps_roll_back_to_the_last_checkpoint_with_new_data_order(tiny_upcycled, tmp_path):
+    trainer = _trainer(tiny_upcycled, tmp_path, max_steps=9, save_steps=3, nonfinite_max_consecutive=3)
+    poison = _Poison(trainer.model, steps=[4, 5, 6])
+    trainer.add_callback(poison)
+    first_order = [batch["input_ids"][0, :12].tolist() for batch in trainer.get_train_dataloader()]
+    train_with_rollback(trainer)
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuardCallback))
+    assert guard.rollbacks == 1 and guard.skipped_steps == 3
+    assert trainer.state.global_step == 9
+    assert trainer.args.data_seed == 1
+    second_order = [batch["input_ids"][0, :12].tolist() for batch in trainer.get_train_dataloader()]
+    assert first_order != second_order
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("target, frozen_part, trained_part", [
+    ("router", ".mlp.gate.", ".mlp.experts."),
+    ("experts", ".mlp.experts.", ".mlp.gate."),
+    ("moe", ".mlp.", ".self_attn."),
+])
+def test_frozen_parameters_stay_bit_identical(tiny_upcycled, tmp_path, target, frozen_part, trained_part):
+    trainer = _trainer(tiny_upcycled, tmp_path, max_steps=3, freeze=target)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    frozen = [n for n in before if frozen_part in n and "layers" in n]
+    trained = [n for n in before if trained_part in n]
+    assert frozen and trained
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(not torch.equal(before[n], after[n]) for n in trained)
+
+
+def test_freeze_moe_rejects_unknown_targets_and_non_moe_models():
+    from transformers import LlamaConfig
+
+    dense = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=2, vocab_size=10))
+    with pytest.raises(ValueError, match="`target`='gates' is invalid"):
+        freeze_moe(dense, "gates")
+    with pytest.raises(ValueError, match="matched no parameter"):
+        freeze_moe(dense, "router")
+
+
+def test_resumed_run_follows_the_uninterrupted_loss_curve(tiny_upcycled, tmp_path):
+    full = _trainer(tiny_upcycled, tmp_path / "full", max_steps=6, save_steps=3, logging_steps=1)
+    full.train()
+    class StopAfterStep3(TrainerCallback):  # an interruption: same schedule, stops after checkpoint-3
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    interrupted = _trainer(tiny_upcycled, tmp_path / "part", max_steps=6, save_steps=3, logging_steps=1,
+                           extra_callbacks=[StopAfterStep3()])
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    resumed = _trainer(tiny_upcycled, tmp_path / "part", max_steps=6, save_steps=3, logging_steps=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "run" / "checkpoint-3"))
+
+    def losses(trainer):
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+    full_losses, resumed_losses = losses(full), losses(resumed)
+    assert set(resumed_losses) >= {4, 5, 6}
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], abs=1e-5), step
+
+
+def test_mixture_is_deterministic_and_keeps_held_out_families_out_of_training():
+    first, again, other = build_mixture(30, 5, seed=3), build_mixture(30, 5, seed=3), build_mixture(30, 5, seed=4)
+    assert first["train"].to_list() == again["train"].to_list()
+    assert first["train"].to_list() != other["train"].to_list()
+    assert set(first["train"]["family"]) == set(HELD_IN_FAMILIES)
+    assert set(first["heldout"]["family"]) == set(HELD_OUT_FAMILIES)
+    assert not set(HELD_IN_FAMILIES) & set(HELD_OUT_FAMILIES)
+    train_prompts = {m[0]["content"] for m in first["train"]["messages"]}
+    assert not train_prompts & {m[0]["content"] for m in first["validation"]["messages"]}
+    assert not train_prompts & {m[0]["content"] for m in first["heldout"]["messages"]}
+    assert len(HELD_IN_FAMILIES) >= 4 and len(first["train"]) == 30 * len(HELD_IN_FAMILIES)
+
+
+def test_short_finetune_lowers_held_out_loss(tiny_upcycled, tmp_path):
+    tokenizer = byte_tokenizer()
+    heldout = build_mixture(0, 6, seed=0)["heldout"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_upcycled)
+    before = evaluate_model(model, tokenizer, {"heldout": heldout}, max_new_tokens=2)["heldout"]["loss"]
+    trainer = _trainer(tiny_upcycled, tmp_path, max_steps=30, train_per_family=16, learning_rate=3e-3,
+                       save_steps=100)
+    trainer.train()
+    after = evaluate_model(trainer.model, tokenizer, {"heldout": heldout}, max_new_tokens=2)
+    assert after["heldout"]["loss"] < before - 0.5, (before, after["heldout"]["loss"])
+    assert set(after["heldout"]["exact_match_per_family"]) == set(HELD_OUT_FAMILIES)
+    assert "expert_specialisation" in after
