@@ -147,3 +147,51 @@ def format_table(rows: list[dict]) -> str:
             f"{ratio(row, 'vs_mixtral_forward')} | {ratio(row, 'vs_mixtral_forward_backward')} |"
         )
     return "\n".join(lines)
+
+
+@dataclass
+class StatsOverheadArguments:
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_experts: int = 8
+    vocab_size: int = 8000
+    batch_size: int = 8
+    sequence_length: int = 128
+    repeats: int = 7
+    seed: int = 0
+
+
+def benchmark_stats_overhead(args: StatsOverheadArguments) -> dict:
+    """Training-step time with and without the expert-statistics hooks (summary read every step: the worst case).
+
+    One step = forward, backward, AdamW step. Rounds alternate the two variants; the ratio is the median of the
+    per-round ratios.
+    """
+    from .training.router_stats import RouterStatsRecorder
+
+    torch.manual_seed(args.seed)
+    config = MoeConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
+                       intermediate_size=args.hidden_size * 3, num_hidden_layers=args.num_hidden_layers,
+                       num_attention_heads=max(1, args.hidden_size // 64), num_experts=args.num_experts)
+    from .modeling import MoeForCausalLM
+
+    model = MoeForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.sequence_length))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def step_with_stats():
+        recorder = RouterStatsRecorder(model)
+        step()
+        recorder.summary()
+        recorder.remove()
+
+    seconds = paired_median_seconds({"plain": step, "with_stats": step_with_stats}, args.repeats)
+    ratios = [s / p for s, p in zip(seconds["with_stats"], seconds["plain"], strict=True)]
+    return {"plain_step_s": statistics.median(seconds["plain"]),
+            "with_stats_step_s": statistics.median(seconds["with_stats"]),
+            "overhead_ratio": statistics.median(ratios)}

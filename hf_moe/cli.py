@@ -48,6 +48,18 @@ def _evaluate(args) -> None:
     print(json.dumps(report, indent=1))
 
 
+def _replicate(args) -> None:
+    from .training.replication import format_rows, run_replication
+
+    print(format_rows(run_replication(args)))
+
+
+def _benchmark_stats(args) -> None:
+    from .benchmark import benchmark_stats_overhead
+
+    print(json.dumps(benchmark_stats_overhead(args), indent=1))
+
+
 def _benchmark_upcycle(args) -> None:
     from .upcycling.benchmark import benchmark_upcycling
 
@@ -64,9 +76,10 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def _commands() -> dict:
-    from .benchmark import SparseBlockBenchmarkArguments
+    from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
     from .training import EvaluateArguments, FinetuneArguments
+    from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
     from .upcycling.benchmark import UpcycleBenchmarkArguments
 
@@ -78,7 +91,11 @@ def _commands() -> dict:
                      "(default data: the embedded task mixture)"),
         "evaluate": (EvaluateArguments, _evaluate, "MODEL_PATH: perplexity, exact match per task family, "
                      "expert specialisation"),
+        "replicate": (ReplicationArguments, _replicate, "dense vs upcycled MoE vs upcycled Switch, equal steps on "
+                      "the embedded mixture (SmolLM2 start)"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
+        "benchmark-stats": (StatsOverheadArguments, _benchmark_stats,
+                            "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
     }

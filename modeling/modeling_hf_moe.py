@@ -309,7 +309,9 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, 
 # ------------------------------------------------------------------------------------------------ experts
 def _is_16_byte_aligned(tensor: torch.Tensor) -> bool:
     size = tensor.element_size()
-    return tensor.data_ptr() % 16 == 0 and all((stride * size) % 16 == 0 for stride in tensor.stride() if stride != 1)
+    strides_aligned = all((stride * size) % 16 == 0 for stride in tensor.stride() if stride != 1)
+    # The CPU kernel accepts any base address (weights memory-mapped from safetensors often sit at 8-byte offsets).
+    return strides_aligned and (tensor.device.type == "cpu" or tensor.data_ptr() % 16 == 0)
 
 
 def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,9 @@ def test_upcycled_switch_router_still_gets_gradient(tmp_path):
     out = moe(input_ids=_ids(), labels=_ids())
     out.lm_loss.backward()  # the LM loss alone, not the aux losses
     assert moe.model.layers[0].mlp.gate.weight.grad.abs().sum().item() > 0
-    assert moe.config.capacity_factor == 1.25 and moe.config.eval_capacity_factor is None
+    assert moe.config.capacity_factor is None and moe.config.eval_capacity_factor is None
+    capped = upcycle(str(source), str(tmp_path / "capped"), arch="hf_switch", num_experts=4, capacity_factor=1.25)
+    assert AutoModelForCausalLM.from_pretrained(capped).config.capacity_factor == 1.25
 
 
 def test_every_other_layer_and_explicit_lists(tmp_path):

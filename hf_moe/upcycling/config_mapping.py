@@ -66,15 +66,17 @@ def decoder_fields(dense: PreTrainedConfig) -> dict:
 
 
 def upcycled_config(dense: PreTrainedConfig, arch: str, num_experts: int, top_k: int, sparse_layers: list[int],
-                    moe_intermediate_size: int, num_moe_heads: int, base_model: str) -> MoeConfig:
+                    moe_intermediate_size: int, num_moe_heads: int, base_model: str,
+                    capacity_factor: float | None = None) -> MoeConfig:
     """The target config. Routing is set up for dense equivalence at step 0 with copied experts: renormalised
-    top-k, dropless inference; Switch keeps its training capacity (1.25) and uses the straight-through top-1 weight
-    (value 1, router gradient kept)."""
+    top-k, dropless inference, training capacity `capacity_factor` (None = dropless); Switch uses the
+    straight-through top-1 weight (value 1, router gradient kept)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"`arch`={arch!r} is invalid: choose one of {tuple(ARCHITECTURES)}")
     fields = decoder_fields(dense)
     fields.update(num_experts=num_experts, num_experts_per_tok=top_k, sparse_layers=sparse_layers,
                   moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True, eval_capacity_factor=None,
+                  capacity_factor=capacity_factor,
                   base_model=base_model)
     if arch == "hf_switch":
         fields.update(straight_through_topk=True)

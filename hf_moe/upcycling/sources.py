@@ -74,6 +74,17 @@ class DenseCheckpoint:
                                                         dtype=dtype).eval()
         return AutoModelForCausalLM.from_pretrained(self.folder, dtype=dtype).eval()
 
+    def save_as_folder(self, folder: str | Path) -> Path:
+        """Write the dense model (dequantised, float32) and its tokenizer as a plain safetensors folder."""
+        model = self.load_dense_model(torch.float32)
+        # transformers refuses to save a GGUF-loaded model although its weights are plain floats.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        self.load_tokenizer().save_pretrained(folder)
+        return Path(folder)
+
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 

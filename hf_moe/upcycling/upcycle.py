@@ -53,6 +53,9 @@ class UpcycleArguments:
     calibration_prompts: str | None = field(default=None, metadata={
         "help": "calibration: JSON file with one list of prompts per expert"})
     num_moe_heads: int = field(default=4, metadata={"help": "hf_mh_moe: sub-tokens per token"})
+    capacity_factor: float | None = field(default=None, metadata={
+        "help": "training capacity factor of the upcycled model; empty = dropless (default: a dropped token loses "
+                "an MLP the dense model relied on); 1.25 = Switch-style"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside the source folder"})
     dtype: str | None = field(default=None, metadata={"help": "output dtype (default: the source's)"})
     max_shard_size: str = field(default="2GB", metadata={"help": "largest output shard"})
@@ -172,7 +175,8 @@ def prepare(args: UpcycleArguments) -> tuple[DenseCheckpoint, "configuration_hf_
     intermediate = dense.config.intermediate_size
     moe_intermediate = intermediate // args.granularity if args.expert_init == "split" else intermediate
     config = upcycled_config(dense.config, args.arch, args.num_experts, args.top_k, sparse_layers,
-                             moe_intermediate, args.num_moe_heads, base_model=dense.name)
+                             moe_intermediate, args.num_moe_heads, base_model=dense.name,
+                             capacity_factor=args.capacity_factor)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, dense)
     return dense, config, output_dir
 
