@@ -9,6 +9,7 @@ This file is copied next to the weights by `save_pretrained` and loaded as remot
 transformers and its own configuration file.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -191,7 +192,7 @@ def drop_over_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n
     the residual connection carries the token on.
     """
     num_tokens, top_k = top_k_index.shape
-    capacity = max(1, int(-(-capacity_factor * num_tokens * top_k // num_experts)))
+    capacity = max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
     slot_major = top_k_index.t().reshape(-1)  # (k * tokens,)
     one_hot = F.one_hot(slot_major, num_experts)  # (k * tokens, experts)
     position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # (k * tokens,)

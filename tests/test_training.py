@@ -220,6 +220,15 @@ def test_mixture_is_deterministic_and_keeps_held_out_families_out_of_training():
     assert len(HELD_IN_FAMILIES) >= 4 and len(first["train"]) == 30 * len(HELD_IN_FAMILIES)
 
 
+def test_default_sized_mixture_fills_every_family():
+    from collections import Counter
+
+    mixture = build_mixture(200, 25, seed=0)
+    assert Counter(mixture["train"]["family"]) == dict.fromkeys(HELD_IN_FAMILIES, 200)
+    assert Counter(mixture["validation"]["family"]) == dict.fromkeys(HELD_IN_FAMILIES, 25)
+    assert Counter(mixture["heldout"]["family"]) == dict.fromkeys(HELD_OUT_FAMILIES, 25)
+
+
 def test_short_finetune_lowers_held_out_loss(tiny_upcycled, tmp_path):
     tokenizer = byte_tokenizer()
     heldout = build_mixture(0, 6, seed=0)["heldout"]

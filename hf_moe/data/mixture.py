@@ -33,8 +33,13 @@ def _multiplication(rng: random.Random) -> Example:
     return template.format(a=a, b=b), str(a * b)
 
 
+def _pseudo_word(rng: random.Random) -> str:
+    """A pronounceable random word (consonant-vowel pairs): a task space large enough for distinct prompts."""
+    return "".join(rng.choice("bcdfghklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 4)))
+
+
 def _reverse_word(rng: random.Random) -> Example:
-    word = rng.choice(WORDS)
+    word = rng.choice([rng.choice(WORDS), _pseudo_word(rng)])
     template = rng.choice(["Reverse the word '{w}'.", "Spell '{w}' backwards.", "Write the letters of '{w}' in "
                                                                                "reverse order."])
     return template.format(w=word), word[::-1]
