@@ -241,3 +241,27 @@ def test_short_finetune_lowers_held_out_loss(tiny_upcycled, tmp_path):
     assert after["heldout"]["loss"] < before - 0.5, (before, after["heldout"]["loss"])
     assert set(after["heldout"]["exact_match_per_family"]) == set(HELD_OUT_FAMILIES)
     assert "expert_specialisation" in after
+
+
+def test_router_stats_count_mh_moe_subtokens_and_switch_drops():
+    from hf_moe.training import RouterStatsRecorder
+
+    from .conftest import tiny_config
+
+    mh = AutoModelForCausalLM.from_config(tiny_config("hf_mh_moe", num_moe_heads=2, num_experts=4)).train()
+    recorder = RouterStatsRecorder(mh)
+    mh(input_ids=torch.randint(3, 97, (2, 9)))
+    summary = recorder.summary()
+    # Each token's 2 sub-tokens pick 2 experts each out of 4: between 2 and 4 distinct experts per token.
+    assert 2.0 <= summary["moe/distinct_experts_per_token"] <= 4.0
+    assert summary["moe/layer0/aux_loss"] > 0 and summary["moe/dropped_fraction"] == 0.0
+    layers, matrix = recorder.load_matrix()
+    assert matrix.shape == (3, 4) and torch.allclose(matrix.sum(1), torch.ones(3))
+
+    switch = AutoModelForCausalLM.from_config(tiny_config("hf_switch", capacity_factor=0.5)).train()
+    recorder = RouterStatsRecorder(switch)
+    switch(input_ids=torch.randint(3, 97, (2, 9)))
+    assert recorder.summary()["moe/dropped_fraction"] >= 0.5  # half the slots at most
+    recorder.reset()
+    switch.eval()(input_ids=torch.randint(3, 97, (2, 9)))
+    assert recorder.summary() == {}  # evaluation passes are not training statistics
