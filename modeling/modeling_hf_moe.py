@@ -9,6 +9,7 @@ This file is copied next to the weights by `save_pretrained` and loaded as remot
 transformers and its own configuration file.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -473,6 +474,16 @@ class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
     z_loss: torch.Tensor | None = None
 
 
+# transformers 5.24 renamed the mask builders' `past_key_values` argument to `cache`.
+_MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _cache_argument(past_key_values, kwargs: dict):
+    """The KV cache, whichever name the caller used: transformers >= 5.24 passes `cache=`, 5.23 `past_key_values=`."""
+    cache = kwargs.pop("cache", None)
+    return past_key_values if past_key_values is not None else cache
+
+
 class MoePreTrainedModel(PreTrainedModel):
     config: MoeConfig
     base_model_prefix = "model"
@@ -549,6 +560,7 @@ class MoeModel(MoePreTrainedModel):
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> MoeModelOutputWithPast:
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -565,7 +577,7 @@ class MoeModel(MoePreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                _MASK_CACHE_ARGUMENT: past_key_values,
                 "position_ids": position_ids,
             }
             mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -622,6 +634,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, output_router_logits: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutput:
         config = self.config
+        past_key_values = _cache_argument(past_key_values, kwargs)
         if output_router_logits is None:
             output_router_logits = config.output_router_logits
         # The auxiliary losses are always part of a training loss: a run can never silently train without them.
