@@ -192,3 +192,18 @@ def test_no_split_modules_allow_device_map_auto():
     model = _model("hf_moe")
     device_map = infer_auto_device_map(model, max_memory={"cpu": "1GiB"}, no_split_module_classes=model._no_split_modules)
     assert device_map
+
+
+def test_peft_lora_reaches_the_fused_experts_and_attention(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(model_type, capacity_factor=None).train()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    peft_model = get_peft_model(model, config)
+    ids = _ids()
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert any("experts" in n for n in lora) and any("q_proj" in n for n in lora)
+    assert all(p.grad is not None for n, p in lora.items() if "lora_B" in n)
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
