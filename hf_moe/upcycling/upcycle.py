@@ -168,7 +168,7 @@ def _save_config_and_code(config, staging: Path) -> None:
         shutil.copy2(module.__file__, staging / Path(module.__file__).name)
 
 
-def prepare(args: UpcycleArguments) -> tuple[DenseCheckpoint, "configuration_hf_moe.MoeConfig", Path]:
+def prepare(args: UpcycleArguments) -> tuple[DenseCheckpoint, configuration_hf_moe.MoeConfig, Path]:
     """Open the source and build the target config and output path; fails before anything is written."""
     dense = open_dense_checkpoint(args.source, args.gguf_file)
     sparse_layers = parse_moe_layers(args.moe_layers, dense.config.num_hidden_layers)
