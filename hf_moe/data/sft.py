@@ -47,9 +47,14 @@ def ensure_chat_template(tokenizer) -> None:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
 
 
+def generation_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-formatted text of every message but the last, ending where the assistant's reply starts."""
+    return tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+
+
 def tokenize_for_sft(tokenizer, messages: list[dict], max_length: int) -> dict:
     """Token ids of the whole conversation; labels are -100 on everything before the last assistant reply."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = generation_prompt(tokenizer, messages)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     full_ids = tokenizer(full, add_special_tokens=False).input_ids

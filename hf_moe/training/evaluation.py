@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data import build_mixture
-from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
 from ..metrics import EXACT_MATCH_PATH
 from .heatmap import save_load_heatmap
 from .router_stats import RouterStatsRecorder
@@ -29,8 +29,7 @@ class EvaluateArguments:
 
 
 def _chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
-    text = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tokenizer(generation_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False).input_ids
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
+from ..auto import meta_model
 from ..upcycling import open_dense_checkpoint, upcycle
 from .evaluation import EvaluateArguments, run_evaluate
 from .finetune import FinetuneArguments, run_finetune
@@ -68,10 +68,7 @@ def _evaluate_row(name: str, folder: Path, args: ReplicationArguments, train_sec
 
 
 def _parameter_count(folder: Path) -> int:
-    config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(AutoConfig.from_pretrained(folder)).parameters())
 
 
 def format_rows(rows: list[dict]) -> str:

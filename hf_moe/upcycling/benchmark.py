@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from ..auto import meta_model
 from .upcycle import UpcycleArguments, check_complete, prepare, run_upcycle, upcycled_tensors
 from .writer import ShardedSafetensorsWriter, parse_size
 
@@ -37,8 +38,7 @@ def write_synthetic_dense(folder: Path, args: UpcycleBenchmarkArguments) -> int:
                          num_key_value_heads=args.num_key_value_heads, vocab_size=args.vocab_size, dtype="bfloat16")
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    with torch.device("meta"):
-        shapes = {name: tensor.shape for name, tensor in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    shapes = {name: tensor.shape for name, tensor in meta_model(config).state_dict().items()}
     writer = ShardedSafetensorsWriter(folder, parse_size(args.shard_size))
     for name, shape in shapes.items():
         writer.add(name, (torch.randn(shape) * 0.02).to(torch.bfloat16))
@@ -54,15 +54,12 @@ def upcycle_streaming(source: str, output_dir: str, num_experts: int, shard_size
 def upcycle_in_memory(source: str, output_dir: str, num_experts: int, shard_size: str) -> None:
     """The reference: the whole dense model through transformers, the whole expanded model in memory, then
     `save_pretrained`."""
-    from ..modeling import MODEL_CLASSES
-
     args = UpcycleArguments(source=source, output_dir=output_dir, num_experts=num_experts)
     _, config, _ = prepare(args)
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     state = dict(upcycled_tensors(dense.state_dict().items(), config, args))
-    check_complete(set(state), config, source)
-    with torch.device("meta"):
-        model = MODEL_CLASSES[type(config)]["AutoModelForCausalLM"](config)
+    model = meta_model(config)
+    check_complete(set(state), config, source, model)
     model.load_state_dict(state, assign=True)
     model.save_pretrained(output_dir, max_shard_size=shard_size)
 

@@ -4,20 +4,13 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-import torch
-
 ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch Transformer (top-1)",
                       "hf_mh_moe": "Multi-Head Mixture-of-Experts"}
 
 
-def write_model_card(folder: Path, model_name: str, config, expert_init: str, router_init: str,
+def write_model_card(folder: Path, model_name: str, config, parameters: int, expert_init: str, router_init: str,
                      breaks_equivalence: bool) -> None:
     """Render `model_cards/upcycled.md` with the config and the upcycling options into `folder/README.md`."""
-    from ..modeling import MODEL_CLASSES
-
-    with torch.device("meta"):
-        model = MODEL_CLASSES[type(config)]["AutoModelForCausalLM"](config)
-    parameters = sum(p.numel() for p in model.parameters())
     if breaks_equivalence:
         equivalence = "This initialisation changes the dense model's function on purpose."
     else:

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..atomic import atomic_output_dir
+from ..auto import meta_model
 from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
 from ..modeling.modeling_hf_moe import auto_map_for
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
@@ -141,11 +142,9 @@ def _sparse_block_tensors(prefix: str, gate, up, down, config, args, generator, 
     return tensors
 
 
-def _expected_tensor_names(config) -> set[str]:
-    model_class = MODEL_CLASSES[type(config)]["AutoModelForCausalLM"]
-    with torch.device("meta"):
-        names = set(model_class(config).state_dict())
-    if config.tie_word_embeddings:
+def _expected_tensor_names(model) -> set[str]:
+    names = set(model.state_dict())
+    if model.config.tie_word_embeddings:
         names.discard("lm_head.weight")
     return names
 
@@ -219,9 +218,9 @@ def upcycled_tensors(dense_tensors: Iterable[tuple[str, torch.Tensor]], config, 
             yield name, tensor
 
 
-def check_complete(names: set[str], config, source_name: str) -> None:
-    """Raise if the produced tensor names differ from the target model's."""
-    expected = _expected_tensor_names(config)
+def check_complete(names: set[str], config, source_name: str, model=None) -> None:
+    """Raise if the produced tensor names differ from the target model's (`model`: its meta-device instance)."""
+    expected = _expected_tensor_names(model if model is not None else meta_model(config))
     if names != expected:
         raise UnsupportedCheckpointError(
             f"{source_name}: the checkpoint does not match its config; missing tensors: "
@@ -244,12 +243,13 @@ def run_upcycle(args: UpcycleArguments) -> Path:
                         unit="tensor")
         for name, tensor in upcycled_tensors(progress, config, args, calibrated):
             writer.add(name, tensor)
-        check_complete(writer.names, config, dense.name)
+        target = meta_model(config)
+        check_complete(writer.names, config, dense.name, target)
         writer.finish()
         config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
         _save_config_and_code(config, staging)
         _copy_tokenizer_and_generation_config(dense, staging)
-        write_model_card(staging, output_dir.name, config, args.expert_init, args.router_init,
-                         args.breaks_equivalence)
+        write_model_card(staging, output_dir.name, config, sum(p.numel() for p in target.parameters()),
+                         args.expert_init, args.router_init, args.breaks_equivalence)
     logger.info("upcycled %s into %s", dense.name, output_dir)
     return output_dir
