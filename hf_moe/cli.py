@@ -34,10 +34,10 @@ def _upcycle(args) -> None:
         print(json.dumps(report))
 
 
-def _finetune(args) -> None:
+def _finetune(args, training_args) -> None:
     from .training import run_finetune
 
-    print(f"fine-tuned model written to {run_finetune(args)}")
+    print(f"fine-tuned model written to {run_finetune(args, training_args)}")
 
 
 def _evaluate(args) -> None:
@@ -78,7 +78,7 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
-    from .training import EvaluateArguments, FinetuneArguments
+    from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
     from .upcycling.benchmark import UpcycleBenchmarkArguments
@@ -87,8 +87,8 @@ def _commands() -> dict:
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
-        "finetune": (FinetuneArguments, _finetune, "MODEL_PATH: instruction-tune with the MoE callbacks "
-                     "(default data: the embedded task mixture)"),
+        "finetune": ((FinetuneArguments, FinetuneTrainingArguments), _finetune, "MODEL_PATH: instruction-tune with "
+                     "the MoE callbacks; also every TrainingArguments option (default data: the embedded task mixture)"),
         "evaluate": (EvaluateArguments, _evaluate, "MODEL_PATH: perplexity, exact match per task family, "
                      "expert specialisation"),
         "replicate": (ReplicationArguments, _replicate, "dense vs upcycled MoE vs upcycled Switch, equal steps on "
@@ -108,11 +108,10 @@ def main(argv: list[str] | None = None) -> None:
         listing = "\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in commands.items())
         print(f"usage: hf-moe {{{','.join(commands)}}} [options]\n\n{listing}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    arguments_class, run, _ = commands[argv[0]]
-    parser = HfArgumentParser(arguments_class, prog=f"hf-moe {argv[0]}")
+    arguments_classes, run, _ = commands[argv[0]]  # one dataclass, or a tuple of them (finetune: + Training)
+    parser = HfArgumentParser(arguments_classes, prog=f"hf-moe {argv[0]}")
     options = _with_positionals(argv[1:], POSITIONALS.get(argv[0], ()))
-    (args,) = parser.parse_args_into_dataclasses(args=options)
-    run(args)
+    run(*parser.parse_args_into_dataclasses(args=options))
 
 
 if __name__ == "__main__":

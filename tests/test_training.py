@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 from hf_moe.data import HELD_IN_FAMILIES, HELD_OUT_FAMILIES, build_mixture
 from hf_moe.training import (
     FinetuneArguments,
+    FinetuneTrainingArguments,
     NonFiniteGuardCallback,
     build_trainer,
     evaluate_model,
@@ -20,15 +21,17 @@ from .conftest import byte_tokenizer
 
 def _finetune_args(tmp_path, **overrides):
     fields = dict(output_dir=str(tmp_path / "run"), train_per_family=8, eval_per_family=2, max_steps=4,
-                  per_device_train_batch_size=4, learning_rate=1e-3, warmup_steps=0, logging_steps=2,
-                  save_steps=4, max_length=96, report_to="none")
+                  per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-3, warmup_steps=0,
+                  logging_steps=2, save_steps=4, max_length=96, report_to="none")
     fields.update(overrides)
-    return FinetuneArguments(**fields)
+    fields.setdefault("eval_steps", fields["save_steps"])
+    own = {name: fields.pop(name) for name in list(fields) if name in FinetuneArguments.__dataclass_fields__}
+    return FinetuneArguments(**own), FinetuneTrainingArguments(**fields)
 
 
 def _trainer(tiny_upcycled, tmp_path, extra_callbacks=(), **overrides):
-    args = _finetune_args(tmp_path, model_path=str(tiny_upcycled), **overrides)
-    return build_trainer(args, extra_callbacks=extra_callbacks)
+    args, training_args = _finetune_args(tmp_path, model_path=str(tiny_upcycled), **overrides)
+    return build_trainer(args, training_args, extra_callbacks=extra_callbacks)
 
 
 def test_expert_statistics_reach_log_history_and_tensorboard(tiny_upcycled, tmp_path):

@@ -1,13 +1,10 @@
 """Trainer callbacks for MoE runs: expert statistics in every logger, a load heatmap, and the non-finite guard."""
 
-import inspect
 import logging
-import math
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 
 from .heatmap import save_load_heatmap
 from .router_stats import RouterStatsRecorder
@@ -15,37 +12,35 @@ from .router_stats import RouterStatsRecorder
 logger = logging.getLogger(__name__)
 
 
-def _calling_callback_handler() -> CallbackHandler | None:
-    """The `CallbackHandler` dispatching the current event (found on the call stack)."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
+def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
+    """Add `callbacks` to `trainer` ahead of its reporting integrations (TensorBoard, W&B, ...), so the keys they add
+    in `on_log` reach every `report_to` logger, not only `state.log_history`. Returns the trainer.
 
+    The Trainer runs its reporters before the callbacks passed to it (`default_callbacks + callbacks`) and offers no
+    public way to insert a callback at a position; so the callbacks after `DefaultFlowCallback` are popped and added
+    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test).
 
-class _FirstInLineCallback(TrainerCallback):
-    """Moves itself to the front of the Trainer's callbacks when the Trainer is built.
-
-    The Trainer appends `logs` to `state.log_history` and then calls `on_log` on the reporting integrations
-    (TensorBoard, W&B, ...) before user callbacks, so keys a user callback adds in `on_log` reach neither. Running
-    first, this callback adds its keys to `logs` (seen by every reporter after it) and to the `log_history` entry.
+    Example:
+    ```python
+    >>> trainer = add_moe_callbacks(SFTTrainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
+    ```
     """
+    behind = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, DefaultFlowCallback)]
+    for callback in behind:
+        trainer.pop_callback(callback)
+    for callback in (*callbacks, *behind):
+        trainer.add_callback(callback)
+    for callback in callbacks:
+        if isinstance(callback, _MoeLogCallback):
+            callback.peers = trainer.callback_handler.callbacks
+    return trainer
 
-    handler: CallbackHandler | None = None
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self.handler = _calling_callback_handler()
-        if self.handler is None:
-            logger.warning("%s could not find the Trainer's callback handler; its keys reach log_history only",
-                           type(self).__name__)
-            return
-        callbacks = self.handler.callbacks
-        # Moving an element from position i to 0 keeps the handler's running loop on the right next element.
-        callbacks.remove(self)
-        callbacks.insert(0, self)
+class _MoeLogCallback(TrainerCallback):
+    """Adds its keys to the `logs` of `on_log` (seen by every reporter after it, see [`add_moe_callbacks`]) and to
+    the `state.log_history` entry the Trainer appended just before."""
+
+    peers: list = ()  # the trainer's callbacks, set by `add_moe_callbacks` (the heatmap goes to TensorBoard's writer)
 
     def _add_to_logs(self, state, logs: dict, values: dict) -> None:
         logs.update(values)
@@ -53,7 +48,7 @@ class _FirstInLineCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
-class ExpertStatsCallback(_FirstInLineCallback):
+class ExpertStatsCallback(_MoeLogCallback):
     """Logs MoE statistics at every logging step into `state.log_history` and every `report_to` logger.
 
     Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the model's LM loss, load-balancing
@@ -65,8 +60,11 @@ class ExpertStatsCallback(_FirstInLineCallback):
 
     Example:
     ```python
-    >>> trainer = Trainer(model=moe, args=args, train_dataset=ds, callbacks=[ExpertStatsCallback()])
+    >>> trainer = add_moe_callbacks(Trainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
     ```
+
+    Passed as `Trainer(callbacks=[ExpertStatsCallback()])` instead, its keys reach `log_history` and the reporters
+    listed after it only (the Trainer runs the `report_to` integrations first).
     """
 
     def __init__(self, per_expert: bool = True, heatmap: bool = True):
@@ -78,7 +76,7 @@ class ExpertStatsCallback(_FirstInLineCallback):
         if self.recorder is None:
             self.recorder = RouterStatsRecorder(model, only_training=True)
             if not self.recorder.routers:
-                logger.warning("ExpertStatsCallback: the model has no hf_moe routers; nothing will be logged")
+                logger.warning("ExpertStatsCallback: no MoE router recognised; nothing will be logged")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
@@ -105,7 +103,7 @@ class ExpertStatsCallback(_FirstInLineCallback):
             return None
         path = Path(args.output_dir) / "expert_load" / f"expert_load_step{state.global_step}.png"
         image = save_load_heatmap(matrix, layers, path, title=f"expert load up to step {state.global_step}")
-        for callback in self.handler.callbacks if self.handler else []:
+        for callback in self.peers:
             writer = getattr(callback, "tb_writer", None)
             if writer is not None:
                 writer.add_image("moe/expert_load", image, state.global_step, dataformats="HWC")
@@ -113,7 +111,7 @@ class ExpertStatsCallback(_FirstInLineCallback):
         return path
 
 
-class NonFiniteGuardCallback(_FirstInLineCallback):
+class NonFiniteGuardCallback(_MoeLogCallback):
     """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
     after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
 
@@ -131,7 +129,6 @@ class NonFiniteGuardCallback(_FirstInLineCallback):
         self.consecutive = 0
         self.rollback_requested = False
         self.rollbacks = 0
-        self._skipping = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if all_gradients_finite(model):
@@ -141,18 +138,16 @@ class NonFiniteGuardCallback(_FirstInLineCallback):
         self.consecutive += 1
         logger.warning("non-finite gradients at step %d: optimizer step skipped (%d in a row)",
                        state.global_step + 1, self.consecutive)
-        original_step = optimizer.step
-        optimizer.step = lambda *a, **k: None  # this step only; restored in on_optimizer_step
-        self._skipping = (optimizer, original_step)
+        if not args.fp16:  # fp16's GradScaler skips non-finite steps itself (and needs the gradients to do so)
+            # The Trainer has no public way to skip its `optimizer.step()`. Torch optimizers leave every parameter
+            # whose `.grad` is None alone (no update, no state, no step count), so dropping the gradients makes the
+            # coming step a no-op; the learning-rate schedule still advances.
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
         if self.consecutive >= self.max_consecutive:
             self.rollback_requested = True
             control.should_training_stop = True
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._skipping is not None:
-            optimizer, original_step = self._skipping
-            optimizer.step = original_step
-            self._skipping = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
@@ -165,5 +160,4 @@ def all_gradients_finite(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
-    norms = torch._foreach_norm(grads)
-    return math.isfinite(torch.stack([n.float().cpu() for n in norms]).sum().item())
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item())
