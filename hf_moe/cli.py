@@ -108,10 +108,16 @@ def main(argv: list[str] | None = None) -> None:
         listing = "\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in commands.items())
         print(f"usage: hf-moe {{{','.join(commands)}}} [options]\n\n{listing}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    arguments_classes, run, _ = commands[argv[0]]  # one dataclass, or a tuple of them (finetune: + Training)
+    run, arguments = parse_command(argv, commands)
+    run(*arguments)
+
+
+def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
+    """(the subcommand's function, its parsed argument dataclasses) for `argv` = [SUBCOMMAND, options...]."""
+    arguments_classes, run, _ = (commands or _commands())[argv[0]]  # one dataclass or a tuple (finetune: + Training)
     parser = HfArgumentParser(arguments_classes, prog=f"hf-moe {argv[0]}")
     options = _with_positionals(argv[1:], POSITIONALS.get(argv[0], ()))
-    run(*parser.parse_args_into_dataclasses(args=options))
+    return run, parser.parse_args_into_dataclasses(args=options)
 
 
 if __name__ == "__main__":

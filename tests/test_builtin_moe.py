@@ -110,3 +110,29 @@ def test_trainer_runs_reporters_before_user_callbacks_so_add_moe_callbacks_reord
     names = [type(cb).__name__ for cb in ordered.callback_handler.callbacks]
     assert names[:3] == ["DefaultFlowCallback", "ExpertStatsCallback", "TensorBoardCallback"]
     assert stats.peers is ordered.callback_handler.callbacks
+
+
+def test_finetune_command_takes_training_arguments_and_trains_a_builtin_moe(tmp_path):
+    from hf_moe.cli import parse_command
+    from hf_moe.data import build_mixture
+    from hf_moe.training import evaluate_model
+
+    from .conftest import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = FAMILIES["qwen3_moe"]()
+    config.vocab_size = len(tokenizer)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen3")
+    tokenizer.save_pretrained(tmp_path / "qwen3")
+    run, (args, training_args) = parse_command([
+        "finetune", str(tmp_path / "qwen3"), "--output_dir", str(tmp_path / "run"), "--max_steps", "2",
+        "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear", "--gradient_checkpointing", "true",
+        "--report_to", "none", "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no",
+        "--train_per_family", "2", "--eval_per_family", "1", "--max_length", "48", "--freeze", "router"])
+    assert (args.freeze, training_args.lr_scheduler_type, training_args.gradient_checkpointing) == \
+        ("router", "linear", True)
+    assert training_args.optim == "adamw_torch_fused" and training_args.max_steps == 2  # finetune's defaults apply
+    run(args, training_args)
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    report = evaluate_model(tuned, tokenizer, {"heldout": build_mixture(0, 1, seed=0)["heldout"]}, max_new_tokens=2)
+    assert report["expert_specialisation"]
