@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM
 
@@ -13,8 +14,6 @@ from hf_moe.training import ExpertStatsCallback, add_moe_callbacks, find_moe_lay
 from hf_moe.training.trl import MoeDPOTrainer, MoeSFTTrainer
 
 from .conftest import byte_tokenizer, tiny_config
-
-trl = pytest.importorskip("trl")
 
 TEXTS = ["the cat sat on the mat", "a", "experts route tokens", "mixture of experts layers, sparsely",
          "hi", "load balancing matters", "z-loss keeps logits small", "ok"]  # unequal lengths: padded batches

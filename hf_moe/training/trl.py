@@ -22,7 +22,6 @@ These classes lean on TRL internals (`compute_loss`, `aux_loss_enabled`, `_metri
 
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 from transformers import PretrainedConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401  (configs re-exported for convenience)
