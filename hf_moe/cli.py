@@ -17,9 +17,15 @@ def _demo(args) -> None:
 
 
 def _benchmark(args) -> None:
-    from .benchmark import benchmark_sparse_blocks, format_table
+    from .benchmark import (DecodeBenchmarkArguments, benchmark_decoding, benchmark_sparse_blocks,
+                            format_decoding_table, format_table)
 
     print(format_table(benchmark_sparse_blocks(args)))
+    if args.decode:
+        decode_args = DecodeBenchmarkArguments(new_tokens=args.decode_new_tokens, repeats=args.repeats,
+                                               model_types=args.decode_model_types, seed=args.seed)
+        print()
+        print(format_decoding_table(benchmark_decoding(decode_args)))
 
 
 def _upcycle(args) -> None:
