@@ -17,8 +17,13 @@ def _demo(args) -> None:
 
 
 def _benchmark(args) -> None:
-    from .benchmark import (DecodeBenchmarkArguments, benchmark_decoding, benchmark_sparse_blocks,
-                            format_decoding_table, format_table)
+    from .benchmark import (
+        DecodeBenchmarkArguments,
+        benchmark_decoding,
+        benchmark_sparse_blocks,
+        format_decoding_table,
+        format_table,
+    )
 
     print(format_table(benchmark_sparse_blocks(args)))
     if args.decode:
