@@ -23,6 +23,7 @@ from .modeling import (
     router_z_loss,
 )
 from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
+from .export import ExportArguments, ExportRefusedError, export, verify_export
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
     "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
+    "export", "ExportArguments", "ExportRefusedError", "verify_export",
 ]

@@ -6,7 +6,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-POSITIONALS = {"upcycle": ("source", "output_dir"), "finetune": ("model_path",), "evaluate": ("model_path",)}
+POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
+               "evaluate": ("model_path",)}
 
 
 def _demo(args) -> None:
@@ -29,6 +30,18 @@ def _upcycle(args) -> None:
     print(f"upcycled model written to {folder}")
     if args.verify:
         report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
+        for sample in report.pop("samples"):
+            print(json.dumps(sample, ensure_ascii=False))
+        print(json.dumps(report))
+
+
+def _export(args) -> None:
+    from .export import run_export, verify_export
+
+    folder = run_export(args)
+    print(f"exported model written to {folder}")
+    if args.verify:
+        report = verify_export(args.source, folder)
         for sample in report.pop("samples"):
             print(json.dumps(sample, ensure_ascii=False))
         print(json.dumps(report))
@@ -78,6 +91,7 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
+    from .export import ExportArguments
     from .training import EvaluateArguments, FinetuneArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -86,6 +100,8 @@ def _commands() -> dict:
     return {
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
+        "export": (ExportArguments, _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|qwen3_moe: the same model as "
+                   "a native checkpoint for stock transformers (or a refusal naming why)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
         "finetune": (FinetuneArguments, _finetune, "MODEL_PATH: instruction-tune with the MoE callbacks "
                      "(default data: the embedded task mixture)"),
