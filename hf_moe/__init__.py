@@ -4,6 +4,7 @@
 """
 
 from .auto import register_auto_classes
+from .export import ExportArguments, ExportRefusedError, export, verify_export
 from .modeling import (
     MHMoeConfig,
     MHMoeForCausalLM,
@@ -23,7 +24,6 @@ from .modeling import (
     router_z_loss,
 )
 from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
-from .export import ExportArguments, ExportRefusedError, export, verify_export
 
 __version__ = "0.1.0"
 

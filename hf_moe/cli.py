@@ -79,6 +79,12 @@ def _benchmark_upcycle(args) -> None:
     print(json.dumps(benchmark_upcycling(args), indent=1))
 
 
+def _benchmark_export(args) -> None:
+    from .export.benchmark import benchmark_export
+
+    print(json.dumps(benchmark_export(args), indent=1))
+
+
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
     result, index = [], 0
@@ -92,6 +98,7 @@ def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
     from .export import ExportArguments
+    from .export.benchmark import ExportBenchmarkArguments
     from .training import EvaluateArguments, FinetuneArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -114,6 +121,8 @@ def _commands() -> dict:
                             "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
+        "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
+                             "time and peak memory: streaming export vs load + save_pretrained"),
     }
 
 
