@@ -25,7 +25,7 @@ class Blocker:
     fix: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.feature}; {self.fix}" if self.fix else f"{self.feature}; no option makes it exportable"
+        return f"{self.feature}. Fix: {self.fix}." if self.fix else f"{self.feature}. No option makes it exportable."
 
 
 class ExportRefusedError(ValueError):
@@ -53,20 +53,20 @@ def common_blockers(config) -> list[Blocker]:
     if config.model_type == "hf_mh_moe":
         blockers.append(Blocker(
             "MH-MoE (`model_type`='hf_mh_moe': sub-tokens of width d/h routed to experts of width d/h, head and "
-            "merge projections)", "none: no native architecture routes sub-tokens"))
+            "merge projections): no native architecture routes sub-tokens"))
     capacity = config.eval_capacity_factor
     # An expert receives at most every token once, so capacity ceil(c * tokens * k / E) >= tokens never drops.
     if capacity is not None and capacity * config.num_experts_per_tok < config.num_experts:
         blockers.append(Blocker(
             f"a capacity limit that drops tokens at inference (`eval_capacity_factor`={capacity} < "
-            f"`num_experts` / `num_experts_per_tok` = {config.num_experts / config.num_experts_per_tok:g}); "
-            "native MoE layers are dropless",
+            f"`num_experts` / `num_experts_per_tok` = {config.num_experts / config.num_experts_per_tok:g}), "
+            "while native MoE layers are dropless",
             "set `eval_capacity_factor=None` (dropless inference) in config.json, which changes the outputs "
             "wherever the limit bound"))
     if config.router_type == "noisy_topk":
         blockers.append(Blocker(
-            "noisy top-k router weights (`router_type`='noisy_topk', tensors `mlp.gate.noise_weight`)",
-            "none: the native routers have no noise weights to hold them"))
+            "noisy top-k router weights (`router_type`='noisy_topk', tensors `mlp.gate.noise_weight`): the native "
+            "routers have no place for them"))
     return blockers
 
 

@@ -14,7 +14,7 @@ from ..auto import meta_model
 from ..upcycling.sources import TOKENIZER_FILES, read_weight_map, stream_tensors
 from ..upcycling.upcycle import check_complete
 from ..upcycling.writer import ShardedSafetensorsWriter, parse_size
-from .base import ExportRefusedError, ExportTarget, dropped_training_settings
+from .base import ExportRefusedError, ExportTarget, common_blockers, dropped_training_settings
 from .card import write_export_card
 from .mixtral import MixtralTarget
 from .qwen2_moe import Qwen2MoeTarget
@@ -74,13 +74,15 @@ def choose_target(config, to: str = "auto", source: str = "the model") -> Export
             reasons = "\n".join(f"  - {blocker}" for blocker in blockers)
             raise ExportRefusedError(f"cannot export {source} to {to} exactly:\n{reasons}\nNothing was written.")
         return TARGETS[to]
-    refusals = {}
+    common = common_blockers(config)
+    sections = [("every target", common)] if common else []
     for name, target in TARGETS.items():
-        if not (blockers := target.supports(config)):
+        specific = target.blockers(config)
+        if not common and not specific:
             return target
-        refusals[name] = blockers
-    lines = [f"  {name}:\n" + "\n".join(f"    - {blocker}" for blocker in blockers)
-             for name, blockers in refusals.items()]
+        if specific:
+            sections.append((name, specific))
+    lines = [f"  {name}:\n" + "\n".join(f"    - {blocker}" for blocker in blockers) for name, blockers in sections]
     raise ExportRefusedError(f"no native architecture reproduces {source} exactly:\n" + "\n".join(lines)
                              + "\nNothing was written.")
 

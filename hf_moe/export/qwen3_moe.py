@@ -15,8 +15,8 @@ class Qwen3MoeTarget(ExportTarget):
         if config.num_shared_experts:
             blockers.append(Blocker(
                 f"shared experts (`num_shared_experts`={config.num_shared_experts}; Qwen3-MoE has none)",
-                "qwen2_moe has a shared expert but no q/k norm, so q/k norm together with shared experts has no "
-                "exact native target"))
+                "export to qwen2_moe (its gated shared expert) when there is no q/k norm; q/k norm together "
+                "with shared experts has no exact native target"))
         if config.attention_bias != config.attention_output_bias:
             blockers.append(Blocker(
                 f"`attention_bias`={config.attention_bias} with `attention_output_bias`="
