@@ -4,6 +4,7 @@
 """
 
 from .auto import register_auto_classes
+from .export import ExportArguments, ExportRefusedError, export, verify_export
 from .modeling import (
     MHMoeConfig,
     MHMoeForCausalLM,
@@ -35,4 +36,5 @@ __all__ = [
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
     "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
+    "export", "ExportArguments", "ExportRefusedError", "verify_export",
 ]

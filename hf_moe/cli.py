@@ -6,7 +6,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-POSITIONALS = {"upcycle": ("source", "output_dir"), "finetune": ("model_path",), "evaluate": ("model_path",)}
+POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
+               "evaluate": ("model_path",)}
 
 
 def _demo(args) -> None:
@@ -45,6 +46,18 @@ def _upcycle(args) -> None:
         print(json.dumps(report))
 
 
+def _export(args) -> None:
+    from .export import run_export, verify_export
+
+    folder = run_export(args)
+    print(f"exported model written to {folder}")
+    if args.verify:
+        report = verify_export(args.source, folder)
+        for sample in report.pop("samples"):
+            print(json.dumps(sample, ensure_ascii=False))
+        print(json.dumps(report))
+
+
 def _finetune(args, training_args) -> None:
     from .training import run_finetune
 
@@ -77,6 +90,12 @@ def _benchmark_upcycle(args) -> None:
     print(json.dumps(benchmark_upcycling(args), indent=1))
 
 
+def _benchmark_export(args) -> None:
+    from .export.benchmark import benchmark_export
+
+    print(json.dumps(benchmark_export(args), indent=1))
+
+
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
     result, index = [], 0
@@ -89,6 +108,8 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
+    from .export import ExportArguments
+    from .export.benchmark import ExportBenchmarkArguments
     from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -97,6 +118,8 @@ def _commands() -> dict:
     return {
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
+        "export": (ExportArguments, _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|qwen3_moe: the same model as "
+                   "a native checkpoint for stock transformers (or a refusal naming why)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
         "finetune": ((FinetuneArguments, FinetuneTrainingArguments), _finetune, "MODEL_PATH: instruction-tune with "
                      "the MoE callbacks; also every TrainingArguments option (default data: the embedded task mixture)"),
@@ -109,6 +132,8 @@ def _commands() -> dict:
                             "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
+        "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
+                             "time and peak memory: streaming export vs load + save_pretrained"),
     }
 
 

@@ -34,6 +34,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def stream_tensors(weight_files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` one at a time, memory-mapped, one safetensors file open at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+
+
 @dataclass
 class DenseCheckpoint:
     """A dense checkpoint opened for streaming: its config, its tensor names in storage order, and where each lives.
@@ -57,13 +68,7 @@ class DenseCheckpoint:
         if self.in_memory is not None:
             yield from self.in_memory.items()
             return
-        by_file: dict[Path, list[str]] = {}
-        for name, path in self.weight_files.items():
-            by_file.setdefault(path, []).append(name)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name in names:
-                    yield name, handle.get_tensor(name)
+        yield from stream_tensors(self.weight_files)
 
     def load_dense_model(self, dtype: torch.dtype = torch.float32):
         """The dense model through transformers (for verification and calibration)."""
@@ -110,7 +115,8 @@ def check_supported(config: PreTrainedConfig, source: str) -> None:
         raise UnsupportedCheckpointError(f"{source}: activation '{config.hidden_act}' is not a SwiGLU/GeGLU MLP")
 
 
-def _read_weight_map(folder: Path) -> dict[str, Path]:
+def read_weight_map(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model folder (sharded or not); unreadable files raise."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -181,4 +187,4 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
     _check_model_type(raw.get("model_type"), str(source))  # before AutoConfig, which fails on unknown types
     config = AutoConfig.from_pretrained(path)
     check_supported(config, str(source))
-    return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=_read_weight_map(path))
+    return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=read_weight_map(path))

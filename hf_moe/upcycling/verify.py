@@ -16,7 +16,8 @@ SAMPLE_PROMPTS = (
 )
 
 
-def _prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """`prompt` as a user turn through the chat template (when the tokenizer has one), as (1, seq) ids."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
@@ -37,7 +38,7 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
     dense_model = dense.load_dense_model(torch.float32)
     moe_model = AutoModelForCausalLM.from_pretrained(moe_folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(moe_folder) if input_ids is None else None
-    inputs = input_ids if input_ids is not None else [_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    inputs = input_ids if input_ids is not None else [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     pad_token_id = 0
     if tokenizer is not None:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
