@@ -4,6 +4,7 @@
 """
 
 from .auto import register_auto_classes
+from .hub import check_folder, publish, register_model_card_writer
 from .modeling import (
     MHMoeConfig,
     MHMoeForCausalLM,
@@ -27,6 +28,7 @@ from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, ve
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_model_card_writer()
 
 __all__ = [
     "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config",
@@ -35,4 +37,5 @@ __all__ = [
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
     "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
+    "check_folder", "publish",
 ]

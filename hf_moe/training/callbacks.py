@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from .heatmap import save_load_heatmap
@@ -15,15 +15,20 @@ from .router_stats import RouterStatsRecorder
 logger = logging.getLogger(__name__)
 
 
-def _calling_callback_handler() -> CallbackHandler | None:
-    """The `CallbackHandler` dispatching the current event (found on the call stack)."""
+def _calling_instance(cls: type):
+    """The nearest `self` on the call stack that is a `cls` (the `CallbackHandler` or `Trainer` dispatching the
+    current event: callbacks are not handed either)."""
     frame = inspect.currentframe()
     while frame is not None:
         candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
+        if isinstance(candidate, cls):
             return candidate
         frame = frame.f_back
     return None
+
+
+def _calling_callback_handler() -> CallbackHandler | None:
+    return _calling_instance(CallbackHandler)
 
 
 class _FirstInLineCallback(TrainerCallback):
@@ -82,6 +87,7 @@ class ExpertStatsCallback(_FirstInLineCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
+            self._write_heatmap(args, state)  # the whole run, for the model card
             self.recorder.remove()
             self.recorder = None
 
@@ -93,6 +99,13 @@ class ExpertStatsCallback(_FirstInLineCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._write_heatmap(args, state)
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        from ..hub.push import use_training_card_on_push
+
+        trainer = _calling_instance(Trainer)
+        if trainer is not None:
+            use_training_card_on_push(trainer)
 
     def on_evaluate(self, args, state, control, **kwargs):
         self._write_heatmap(args, state)

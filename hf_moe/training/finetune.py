@@ -16,6 +16,7 @@ from transformers import (
 
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..hub.training import write_training_card
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback
 from .freezing import freeze_moe
 from .rollback import train_with_rollback
@@ -112,5 +113,7 @@ def run_finetune(args: FinetuneArguments) -> Path:
     resume = args.resume_from_checkpoint
     result = train_with_rollback(trainer, resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.save_model(args.output_dir)
+    write_training_card(trainer, dataset=args.dataset, data=None if args.dataset else (
+        f"the embedded hf_moe task mixture ({args.train_per_family} training examples per family)"))
     logger.info("training done: %s", result.metrics)
     return Path(args.output_dir)
