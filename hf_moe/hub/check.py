@@ -12,7 +12,10 @@ from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
 from ..modeling.modeling_hf_moe import auto_map_for
 
 CODE_MODULES = (configuration_hf_moe, modeling_hf_moe)
-FOREIGN_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.pkl")
+# Pickle / TF / Flax model weights (training state such as training_args.bin or optimizer.pt is not weights: publish
+# leaves it out by its allow-list).
+FOREIGN_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth", "consolidated*.pth", "*.ckpt",
+                   "*.h5", "*.msgpack")
 CONFIGS_BY_TYPE = {config_class.model_type: config_class for config_class in MODEL_CLASSES}
 
 
@@ -85,9 +88,9 @@ def _check_code_files(folder: Path) -> list[Problem]:
 
 
 def _check_weights(folder: Path) -> list[Problem]:
-    problems = [Problem("error", f"{path.relative_to(folder)}: non-safetensors weights; save with "
-                                 "safe_serialization (safetensors) and delete this file")
-                for pattern in FOREIGN_WEIGHTS for path in sorted(folder.glob(pattern))]
+    found = sorted({path for pattern in FOREIGN_WEIGHTS for path in folder.glob(pattern)})
+    problems = [Problem("error", f"{path.relative_to(folder)}: non-safetensors weights; save as safetensors "
+                                 "(`save_pretrained` does by default) and delete this file") for path in found]
     if not list(folder.glob("*.safetensors")):
         problems.append(Problem("error", "no *.safetensors weights in the folder"))
     return problems
