@@ -5,6 +5,7 @@
 
 from .auto import register_auto_classes
 from .export import ExportArguments, ExportRefusedError, export, verify_export
+from .hub import check_folder, publish, register_model_card_writer
 from .modeling import (
     MHMoeConfig,
     MHMoeForCausalLM,
@@ -28,6 +29,7 @@ from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, ve
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_model_card_writer()
 
 __all__ = [
     "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config",
@@ -37,4 +39,5 @@ __all__ = [
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
     "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
     "export", "ExportArguments", "ExportRefusedError", "verify_export",
+    "check_folder", "publish",
 ]

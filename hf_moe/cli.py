@@ -7,7 +7,7 @@ import sys
 from transformers import HfArgumentParser
 
 POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
-               "evaluate": ("model_path",)}
+               "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id")}
 
 
 def _demo(args) -> None:
@@ -37,10 +37,11 @@ def _benchmark(args) -> None:
 def _upcycle(args) -> None:
     from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
 
-    folder = run_upcycle(args)
+    dense = open_dense_checkpoint(args.source, args.gguf_file)  # opened (and a GGUF dequantised) once
+    folder = run_upcycle(args, dense)
     print(f"upcycled model written to {folder}")
     if args.verify:
-        report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
+        report = verify_upcycling(dense, folder)
         for sample in report.pop("samples"):
             print(json.dumps(sample, ensure_ascii=False))
         print(json.dumps(report))
@@ -96,6 +97,31 @@ def _benchmark_export(args) -> None:
     print(json.dumps(benchmark_export(args), indent=1))
 
 
+def _check(args) -> None:
+    from .hub import check_folder
+
+    problems = check_folder(args.folder, load=not args.skip_load_check)
+    for problem in problems:
+        print(problem)
+    if any(problem.severity == "error" for problem in problems):
+        raise SystemExit(1)
+    print(f"{args.folder}: ready to publish")
+
+
+def _publish(args) -> None:
+    from dataclasses import asdict
+
+    from .hub import publish
+
+    result = publish(**asdict(args))
+    if args.dry_run:
+        print("would upload:\n" + "\n".join(f"  {name}" for name in result.files))
+        print("left out:\n" + "\n".join(f"  {name}" for name in result.left_out))
+        print("card metadata:\n" + json.dumps(result.metadata, indent=1))
+    else:
+        print(f"published {len(result.files)} files to https://huggingface.co/{result.repo_id}: {result.commit_url}")
+
+
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
     result, index = [], 0
@@ -110,6 +136,8 @@ def _commands() -> dict:
     from .demo import DemoArguments
     from .export import ExportArguments
     from .export.benchmark import ExportBenchmarkArguments
+    from .hub.check import CheckArguments
+    from .hub.publish import PublishArguments
     from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -127,6 +155,9 @@ def _commands() -> dict:
                      "expert specialisation"),
         "replicate": (ReplicationArguments, _replicate, "dense vs upcycled MoE vs upcycled Switch, equal steps on "
                       "the embedded mixture (SmolLM2 start)"),
+        "check": (CheckArguments, _check, "FOLDER: is the model folder ready for the Hub? one line per problem"),
+        "publish": (PublishArguments, _publish, "FOLDER REPO_ID: check, then upload the allow-listed files "
+                    "(--dry-run: list them)"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
         "benchmark-stats": (StatsOverheadArguments, _benchmark_stats,
                             "training-step time with and without the expert-statistics hooks"),

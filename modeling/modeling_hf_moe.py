@@ -598,7 +598,21 @@ class MoePreTrainedModel(PreTrainedModel):
         # transformers writes only the saved class into `auto_map`; list every head so that all Auto classes load
         # the folder as remote code.
         self.config.auto_map = auto_map_for(type(self.config))
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.model_card_writer is not None and kwargs.get("is_main_process", True):
+            self.model_card_writer(save_directory)
+        return result
+
+    # `import hf_moe` sets this to hf_moe's model-card writer, called as `writer(model, folder, repo_id=None)`.
+    # Without hf_moe (remote code) it stays None and transformers' own card is kept.
+    model_card_writer = None
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # Both push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) write transformers' generic README.md
+        # after saving and just before this upload step, so hf_moe's card replaces it here.
+        if self.model_card_writer is not None:
+            self.model_card_writer(working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
 
 class MoeModel(MoePreTrainedModel):

@@ -7,8 +7,6 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from hf_moe.data import HELD_IN_FAMILIES, HELD_OUT_FAMILIES, build_mixture
 from hf_moe.training import (
-    FinetuneArguments,
-    FinetuneTrainingArguments,
     NonFiniteGuardCallback,
     build_trainer,
     evaluate_model,
@@ -16,7 +14,7 @@ from hf_moe.training import (
     train_with_rollback,
 )
 
-from .conftest import byte_tokenizer
+from .conftest import byte_tokenizer, finetune_arguments
 
 
 def _finetune_args(tmp_path, **overrides):
@@ -25,8 +23,7 @@ def _finetune_args(tmp_path, **overrides):
                   logging_steps=2, save_steps=4, max_length=96, report_to="none")
     fields.update(overrides)
     fields.setdefault("eval_steps", fields["save_steps"])
-    own = {name: fields.pop(name) for name in list(fields) if name in FinetuneArguments.__dataclass_fields__}
-    return FinetuneArguments(**own), FinetuneTrainingArguments(**fields)
+    return finetune_arguments(**fields)
 
 
 def _trainer(tiny_upcycled, tmp_path, extra_callbacks=(), **overrides):

@@ -33,6 +33,10 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
     for callback in callbacks:
         if isinstance(callback, _MoeLogCallback):
             callback.peers = trainer.callback_handler.callbacks
+    if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
+        from ..hub.push import use_training_card_on_push
+
+        use_training_card_on_push(trainer)  # trainer.push_to_hub() then uploads hf_moe's fine-tuned card
     return trainer
 
 
@@ -80,6 +84,7 @@ class ExpertStatsCallback(_MoeLogCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
+            self._write_heatmap(args, state)  # the whole run, for the model card
             self.recorder.remove()
             self.recorder = None
 

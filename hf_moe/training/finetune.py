@@ -16,6 +16,7 @@ from transformers import (
 
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from .freezing import freeze_moe
@@ -101,5 +102,7 @@ def run_finetune(args: FinetuneArguments, training_args: TrainingArguments) -> P
     resume = training_args.resume_from_checkpoint
     result = train_with_rollback(trainer, resume_from_checkpoint=True if resume == "latest" else resume)
     trainer.save_model(training_args.output_dir)
+    write_training_card(trainer, dataset=args.dataset, data=None if args.dataset else (
+        f"the embedded hf_moe task mixture ({args.train_per_family} training examples per family)"))
     logger.info("training done: %s", result.metrics)
     return Path(training_args.output_dir)

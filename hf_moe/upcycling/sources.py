@@ -59,6 +59,7 @@ class DenseCheckpoint:
     weight_files: dict[str, Path] = field(default_factory=dict)  # tensor name -> safetensors file
     gguf_file: Path | None = None
     in_memory: dict[str, torch.Tensor] | None = None
+    loaded_model: torch.nn.Module | None = None  # GGUF: the model dequantised when opening, reused (float32)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -74,6 +75,8 @@ class DenseCheckpoint:
         """The dense model through transformers (for verification and calibration)."""
         from transformers import AutoModelForCausalLM
 
+        if self.loaded_model is not None:  # dequantising a GGUF again would cost as much as opening it
+            return self.loaded_model.to(dtype).eval()
         if self.gguf_file is not None:
             return AutoModelForCausalLM.from_pretrained(self.gguf_file.parent, gguf_file=self.gguf_file.name,
                                                         dtype=dtype).eval()
@@ -154,7 +157,8 @@ def _open_gguf(path: Path, name: str) -> DenseCheckpoint:
     state = {key: value.detach() for key, value in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return DenseCheckpoint(config=model.config, name=name, folder=path.parent, gguf_file=path, in_memory=state)
+    return DenseCheckpoint(config=model.config, name=name, folder=path.parent, gguf_file=path, in_memory=state,
+                           loaded_model=model.eval())
 
 
 def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> DenseCheckpoint:
@@ -177,7 +181,7 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
             raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub id (owner/name)")
         from huggingface_hub import snapshot_download
 
-        path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES]))
+        path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "README.md", *TOKENIZER_FILES]))
     if not (path / "config.json").is_file():
         raise UnsupportedCheckpointError(f"{source}: no config.json")
     try:

@@ -1,5 +1,6 @@
 """Dense vs upcycled, side by side: max |Δlogit| on sample prompts and greedy-generation agreement."""
 
+import json
 from pathlib import Path
 
 import torch
@@ -34,8 +35,16 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
     The inputs are `prompts` (chat-formatted with the folder's tokenizer) or, for models without a tokenizer,
     `input_ids` (a list of (1, seq) tensors). Returns `max_abs_logit_difference` over all positions, the number of
     inputs whose greedy generations are identical, and per input the difference and both answers.
+
+    When the folder stores lower-precision weights (e.g. bfloat16), the dense weights are rounded to that dtype
+    first (`weights_dtype` in the report), so the comparison checks the upcycling itself, not the rounding.
     """
     dense_model = dense.load_dense_model(torch.float32)
+    weights_dtype = json.loads((Path(moe_folder) / "config.json").read_text()).get("dtype") or "float32"
+    if weights_dtype != "float32":
+        with torch.no_grad():
+            for parameter in dense_model.parameters():  # new tensors: the source's own storage is left intact
+                parameter.data = parameter.data.to(getattr(torch, weights_dtype)).float()
     moe_model = AutoModelForCausalLM.from_pretrained(moe_folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(moe_folder) if input_ids is None else None
     inputs = input_ids if input_ids is not None else [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
@@ -58,4 +67,4 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
                           upcycled=tokenizer.decode(moe_answer, skip_special_tokens=True))
         samples.append(sample)
     return dict(max_abs_logit_difference=worst, identical_generations=identical, inputs=len(inputs),
-                samples=samples)
+                weights_dtype=weights_dtype, samples=samples)
