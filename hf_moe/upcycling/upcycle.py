@@ -63,6 +63,12 @@ class UpcycleArguments:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     seed: int = field(default=0)
     verify: bool = field(default=False, metadata={"help": "compare dense and upcycled logits and generations"})
+    experts: list[str] | None = field(default=None, metadata={
+        "help": "mix: expert i's MLP from source i (folders, .gguf files, Hub ids; may repeat); SOURCE is the base"})
+    merge_others: str = field(default="base", metadata={
+        "help": "mix: attention, embeddings, norms, dense MLPs from the base | average of the expert sources (BTX)"})
+    heldout_prompts: str | None = field(default=None, metadata={
+        "help": "mix: JSON file, one list of held-out prompts per expert, for the routing accuracy"})
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -230,6 +236,10 @@ def check_complete(names: set[str], config, source_name: str, model=None) -> Non
 
 def run_upcycle(args: UpcycleArguments) -> Path:
     """Upcycle as described by `args`; see [`upcycle`]."""
+    if args.experts:
+        from .mixing import run_mix
+
+        return run_mix(args)
     dense, config, output_dir = prepare(args)
     if output_dir.exists() and not args.overwrite:
         raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
