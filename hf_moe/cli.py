@@ -27,7 +27,9 @@ def _upcycle(args) -> None:
 
     folder = run_upcycle(args)
     print(f"upcycled model written to {folder}")
-    if args.verify:
+    if args.verify and args.experts:  # a mix is not the dense function: report how its routers sort the domains
+        print((folder / "mixing.json").read_text())
+    elif args.verify:
         report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
         for sample in report.pop("samples"):
             print(json.dumps(sample, ensure_ascii=False))

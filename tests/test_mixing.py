@@ -1,6 +1,7 @@
 """Experts from several dense checkpoints (Branch-Train-MiX): exactness, domain routing, refusals."""
 
 import json
+import random
 import shutil
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe import UnsupportedCheckpointError, upcycle
+from hf_moe.data.mixture import HELD_IN_FAMILIES
 
 from .conftest import byte_tokenizer
 
@@ -86,3 +88,77 @@ def test_mismatched_sources_are_refused_naming_source_and_tensor(seed_model, tmp
     assert _no_output_left(tmp_path, "out")
     with pytest.raises(ValueError, match="`merge_others`='median' is invalid"):
         upcycle(seed, str(tmp_path / "out"), experts=[seed, seed], merge_others="median")
+
+
+DOMAINS = {"math": ("addition", "multiplication"), "words": ("reverse_word", "uppercase")}
+
+
+def _domain_texts(families, count, seed):
+    rng = random.Random(seed)
+    makers = [HELD_IN_FAMILIES[family] for family in families]
+    return [" ".join(rng.choice(makers)(rng)) for _ in range(count)]
+
+
+def _train(model, tokenizer, texts, steps, seed):
+    """Plain AdamW steps on batches of 16 texts (the LM loss over the whole text)."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = tokenizer(rng.sample(texts, 16), return_tensors="pt", padding=True)
+        labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@torch.no_grad()
+def _loss(model, tokenizer, texts):
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    return model(**batch, labels=labels).loss.item()
+
+
+@pytest.fixture(scope="module")
+def branches(tmp_path_factory):
+    """Branch-Train: a seed trained briefly on both domains, then one branch per domain trained on it alone."""
+    root = tmp_path_factory.mktemp("btx")
+    tokenizer = byte_tokenizer()
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **dict(TINY, hidden_size=64,
+                                                                             intermediate_size=128))
+    texts = {domain: _domain_texts(families, 400, seed=index) for index, (domain, families) in enumerate(DOMAINS.items())}
+    torch.manual_seed(0)
+    seed = _train(AutoModelForCausalLM.from_config(config), tokenizer, texts["math"] + texts["words"], 60, seed=0)
+    _save(seed, tokenizer, root / "seed")
+    folders = {}
+    for index, domain in enumerate(DOMAINS):
+        branch = AutoModelForCausalLM.from_pretrained(root / "seed")
+        folders[domain] = _save(_train(branch, tokenizer, texts[domain], 80, seed=index + 1), tokenizer, root / domain)
+    prompts = [[text.rsplit(" ", 1)[0] for text in texts[domain][:40]] for domain in DOMAINS]
+    heldout = {domain: _domain_texts(families, 30, seed=100 + i) for i, (domain, families) in enumerate(DOMAINS.items())}
+    return root, folders, tokenizer, prompts, heldout
+
+
+@pytest.mark.skip(reason="unfinished (issue 12): not yet seen to pass; on the overloaded shared machine it did not "
+                         "finish within 600 s, so its run time and thresholds are unmeasured")
+def test_calibrated_mix_routes_each_domain_to_its_expert_and_is_no_worse_than_either_source(branches, tmp_path):
+    root, folders, tokenizer, prompts, heldout = branches
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    heldout_prompts = [[text.rsplit(" ", 1)[0] for text in heldout[domain]] for domain in DOMAINS]
+    (tmp_path / "heldout.json").write_text(json.dumps(heldout_prompts))
+    mixed = upcycle(str(root / "seed"), str(tmp_path / "mix"), experts=list(folders.values()), top_k=1,
+                    merge_others="average", router_init="calibration",
+                    calibration_prompts=str(tmp_path / "prompts.json"), heldout_prompts=str(tmp_path / "heldout.json"))
+    report = json.loads((mixed / "mixing.json").read_text())["routing_accuracy"]
+    print(json.dumps(report))
+    assert min(report["layers"]["0"]) >= 0.9
+    assert "## Routing accuracy" in (mixed / "README.md").read_text()
+    moe = AutoModelForCausalLM.from_pretrained(mixed).eval()
+    sources = {domain: AutoModelForCausalLM.from_pretrained(folder).eval() for domain, folder in folders.items()}
+    for domain, texts in heldout.items():
+        source_losses = {name: _loss(model, tokenizer, texts) for name, model in sources.items()}
+        mixed_loss = _loss(moe, tokenizer, texts)
+        print(domain, source_losses, mixed_loss)
+        assert mixed_loss <= max(source_losses.values())
