@@ -40,7 +40,9 @@ def _upcycle(args) -> None:
     dense = open_dense_checkpoint(args.source, args.gguf_file)  # opened (and a GGUF dequantised) once
     folder = run_upcycle(args, dense)
     print(f"upcycled model written to {folder}")
-    if args.verify:
+    if args.verify and args.experts:  # a mix is not the dense function: report how its routers sort the domains
+        print((folder / "mixing.json").read_text())
+    elif args.verify:
         report = verify_upcycling(dense, folder)
         for sample in report.pop("samples"):
             print(json.dumps(sample, ensure_ascii=False))

@@ -24,7 +24,10 @@ def source_lineage(dense) -> Lineage:
 def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype: str) -> Path:
     """Render and write the README.md of an upcycled folder (`args`: the `UpcycleArguments`)."""
     init = args.expert_init
-    if init == "copy" and args.noise_std:
+    if getattr(args, "experts", None):
+        init = f"expert i's MLP from source i ({', '.join(f'`{source}`' for source in args.experts)}); " \
+               f"attention, embeddings and norms: {args.merge_others}"
+    elif init == "copy" and args.noise_std:
         init += f" (noise std {args.noise_std} relative)"
     elif init == "drop_upcycle":
         init += f" (drop ratio {args.drop_ratio})"

@@ -67,6 +67,12 @@ class UpcycleArguments:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     seed: int = field(default=0)
     verify: bool = field(default=False, metadata={"help": "compare dense and upcycled logits and generations"})
+    experts: list[str] | None = field(default=None, metadata={
+        "help": "mix: expert i's MLP from source i (folders, .gguf files, Hub ids; may repeat); SOURCE is the base"})
+    merge_others: str = field(default="base", metadata={
+        "help": "mix: attention, embeddings, norms, dense MLPs from the base | average of the expert sources (BTX)"})
+    heldout_prompts: str | None = field(default=None, metadata={
+        "help": "mix: JSON file, one list of held-out prompts per expert, for the routing accuracy"})
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -88,7 +94,7 @@ class UpcycleArguments:
     @property
     def breaks_equivalence(self) -> bool:
         """Whether the chosen init changes the dense model's function on purpose."""
-        return (self.arch == "hf_mh_moe" or self.expert_init == "drop_upcycle" or self.noise_std > 0
+        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.expert_init == "drop_upcycle" or self.noise_std > 0
                 or (self.expert_init == "split" and self.top_k % self.granularity != 0))
 
 
@@ -249,6 +255,10 @@ def check_complete(names: set[str], config, source_name: str, model=None) -> Non
 
 def run_upcycle(args: UpcycleArguments, dense: DenseCheckpoint | None = None) -> Path:
     """Upcycle as described by `args`; see [`upcycle`]. `dense`: the source, if already opened (it is read once)."""
+    if args.experts:
+        from .mixing import run_mix
+
+        return run_mix(args, dense)
     dense, config, output_dir = prepare(args, dense)
     args = copy.copy(args)  # the resolved dtype, without re-validating the user's choice
     args.dtype = output_dtype(args, dense)
