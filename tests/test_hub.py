@@ -326,8 +326,8 @@ def test_upcycle_dtype_bfloat16_is_exact_in_float32_and_opens_the_source_once(up
 
     dense_folder = next((upcycled.parent / "cache").rglob("snapshots/*"))
     opened = []
-    read_weight_map = sources._read_weight_map
-    monkeypatch.setattr(sources, "_read_weight_map", lambda folder: opened.append(folder) or read_weight_map(folder))
+    read_weight_map = sources.read_weight_map
+    monkeypatch.setattr(sources, "read_weight_map", lambda folder: opened.append(folder) or read_weight_map(folder))
     cli_main(["upcycle", str(dense_folder), str(tmp_path / "bf16"), "--num_experts", "4", "--dtype", "bfloat16",
               "--verify"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -34,14 +34,20 @@ KIND_LIMITATIONS = {
 
 def parameter_counts(model) -> tuple[int, int]:
     """(total, active per token) parameters. Active counts top-k of the E experts of each sparse block (for MH-MoE,
-    up to h * k experts: an upper bound, as a token's sub-tokens may pick the same experts)."""
-    from ..modeling.modeling_hf_moe import MoeExperts
+    up to h * k experts: an upper bound, as a token's sub-tokens may pick the same experts). Works for transformers'
+    own MoE models too (the blocks come from `hf_moe.moe_layers`)."""
+    from ..moe_layers import find_moe_layers
 
     total = sum(parameter.numel() for parameter in model.parameters())
-    config = model.config
-    used_per_token = min(config.num_experts, config.num_experts_per_tok * config.num_subtokens)
-    inactive = sum(sum(p.numel() for p in module.parameters()) * (1 - used_per_token / module.num_experts)
-                   for module in model.modules() if isinstance(module, MoeExperts))
+    modules = dict(model.named_modules())
+    subtokens = getattr(model.config, "num_subtokens", 1)
+    inactive = 0.0
+    for layer in find_moe_layers(model):
+        if layer.experts_name is None or not layer.num_experts:
+            continue
+        used = min(layer.num_experts, layer.top_k * subtokens)
+        experts_size = sum(p.numel() for p in modules[layer.experts_name].parameters())
+        inactive += experts_size * (1 - used / layer.num_experts)
     return total, round(total - inactive)
 
 
@@ -49,14 +55,9 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.1f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
 
 
-def architecture_rows(config, model) -> list[tuple[str, str]]:
-    """The architecture table: experts, top-k, sparse layers, total and active parameters, router, capacity."""
-    total, active = parameter_counts(model)
-    experts = f"{config.num_experts}, top-{config.num_experts_per_tok}"
-    if config.num_shared_experts:
-        experts += f" + {config.num_shared_experts} shared (always active)"
-    sparse = config.sparse_layer_indices
-    shown = ", ".join(map(str, sparse)) if len(sparse) <= 12 else f"{sparse[0]}..{sparse[-1]}"
+def _router_description(config) -> str:
+    if not hasattr(config, "router_type"):  # a transformers MoE family: its own router
+        return f"{config.model_type}'s router; aux loss coef {getattr(config, 'router_aux_loss_coef', 'n/a')}"
     router = f"`{config.router_type}`"
     if config.straight_through_topk:
         router += ", straight-through top-1 weight"
@@ -64,16 +65,31 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
         router += ", top-k weights renormalised"
     if config.router_jitter_noise:
         router += f", jitter {config.router_jitter_noise}"
-    router += f"; aux loss coef {config.router_aux_loss_coef}, z-loss coef {config.router_z_loss_coef}"
+    return router + f"; aux loss coef {config.router_aux_loss_coef}, z-loss coef {config.router_z_loss_coef}"
+
+
+def architecture_rows(config, model) -> list[tuple[str, str]]:
+    """The architecture table: experts, top-k, sparse layers, total and active parameters, router, capacity."""
+    from ..moe_layers import find_moe_layers
+
+    total, active = parameter_counts(model)
+    layers = find_moe_layers(model)
+    num_experts = layers[0].num_experts if layers else getattr(config, "num_experts", 0)
+    top_k = layers[0].top_k if layers else getattr(config, "num_experts_per_tok", 0)
+    experts = f"{num_experts}, top-{top_k}"
+    if getattr(config, "num_shared_experts", 0):
+        experts += f" + {config.num_shared_experts} shared (always active)"
+    sparse = getattr(config, "sparse_layer_indices", None) or [layer.index for layer in layers]
+    shown = ", ".join(map(str, sparse)) if len(sparse) <= 12 else f"{sparse[0]}..{sparse[-1]}"
     rows = [
         ("model type", f"`{config.model_type}` ({ARCHITECTURE_NAMES.get(config.model_type, config.model_type)})"),
         ("experts per sparse layer", experts),
         ("sparse layers", f"{len(sparse)} of {config.num_hidden_layers} ({shown})"),
         ("parameters", f"{_millions(total)} total, {_millions(active)} active per token"),
-        ("router", router),
+        ("router", _router_description(config)),
         ("capacity", _capacity(config)),
     ]
-    if config.num_subtokens > 1:
+    if getattr(config, "num_subtokens", 1) > 1:
         rows.insert(2, ("sub-tokens per token (MH-MoE heads)", str(config.num_subtokens)))
     return rows
 
@@ -82,7 +98,8 @@ def _capacity(config) -> str:
     def describe(factor):
         return "dropless" if factor is None else f"factor {factor} (tokens over capacity are dropped)"
 
-    return f"training: {describe(config.capacity_factor)}; inference: {describe(config.eval_capacity_factor)}"
+    return (f"training: {describe(getattr(config, 'capacity_factor', None))}; "
+            f"inference: {describe(getattr(config, 'eval_capacity_factor', None))}")
 
 
 def card_metadata(kind: str, config, lineage: Lineage, datasets: list[str] | None = None,
