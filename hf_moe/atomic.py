@@ -6,12 +6,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import OutputExistsError
+
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `output_dir`; on success rename it to `output_dir`, on failure delete it.
 
-    An existing `output_dir` raises `FileExistsError` before anything is written, unless `overwrite=True`, in which
+    An existing `output_dir` raises `OutputExistsError` (a `FileExistsError`) before anything is written, unless `overwrite=True`, in which
     case it is replaced only after the new folder is complete.
 
     Example:
@@ -22,7 +24,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
     try:

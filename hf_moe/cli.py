@@ -1,69 +1,93 @@
 """`hf-moe`: the command line. Each subcommand parses its arguments dataclass with `HfArgumentParser` and calls the
-library; `hf-moe SUBCOMMAND --help` lists the options."""
+library; `hf-moe SUBCOMMAND --help` lists the options.
 
-import json
+Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from `main`):
+
+1. Write `def _name(args)` that calls the library and RETURNS its result instead of printing: plain data (a dict is
+   shown as a key/value summary, a list of row dicts as a table) or `Report(data, text)` when people should see a
+   text of your own (build it with `hf_moe.cli_output.table` / `summary`). `--json` prints the data.
+2. Add `"name": (ArgumentsDataclass, _name, "one-line help")` to `_commands()`, and its leading positional
+   arguments to `POSITIONALS` if it takes any.
+3. Raise, don't print, on bad input: `ValueError` (a value; name the field, the value and what is allowed),
+   `FileNotFoundError` / `OutputExistsError` (paths), or `hf_moe.errors.UserError(message, report=...)` for a
+   request that ran but failed, e.g. a check with failed items: the report is printed, then the error line.
+   These print `hf-moe NAME: error: MESSAGE` on stderr and exit with status 2; anything else is a bug and keeps
+   its traceback. `--debug` or `HF_MOE_DEBUG=1` always shows the traceback.
+"""
+
+import os
 import sys
+import traceback
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
+
+from . import __version__
+from .cli_output import Report, render
+from .errors import user_message
 
 POSITIONALS = {"upcycle": ("source", "output_dir"), "finetune": ("model_path",), "evaluate": ("model_path",)}
 
 
-def _demo(args) -> None:
+def _demo(args) -> list[dict]:
     from .demo import run_demo
 
-    for row in run_demo(args):
-        print(json.dumps(row))
+    return run_demo(args)
 
 
-def _benchmark(args) -> None:
+def _benchmark(args) -> Report:
     from .benchmark import benchmark_sparse_blocks, format_table
 
-    print(format_table(benchmark_sparse_blocks(args)))
+    rows = benchmark_sparse_blocks(args)
+    return Report(rows, format_table(rows))
 
 
-def _upcycle(args) -> None:
+def _upcycle(args) -> Report:
     from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
+    from .upcycling.verify import format_verification
 
     folder = run_upcycle(args)
-    print(f"upcycled model written to {folder}")
+    result, text = {"output_dir": str(folder)}, f"upcycled model written to {folder}"
     if args.verify:
         report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
-        for sample in report.pop("samples"):
-            print(json.dumps(sample, ensure_ascii=False))
-        print(json.dumps(report))
+        result.update(report)
+        text += "\n\n" + format_verification(report)
+    return Report(result, text)
 
 
-def _finetune(args) -> None:
+def _finetune(args) -> Report:
     from .training import run_finetune
 
-    print(f"fine-tuned model written to {run_finetune(args)}")
+    folder = run_finetune(args)
+    return Report({"output_dir": str(folder)}, f"fine-tuned model written to {folder}")
 
 
-def _evaluate(args) -> None:
+def _evaluate(args) -> Report:
     from .training import run_evaluate
+    from .training.evaluation import format_evaluation
 
     report = run_evaluate(args)
     report.pop("expert_specialisation", None)
-    print(json.dumps(report, indent=1))
+    return Report(report, format_evaluation(report))
 
 
-def _replicate(args) -> None:
+def _replicate(args) -> Report:
     from .training.replication import format_rows, run_replication
 
-    print(format_rows(run_replication(args)))
+    rows = run_replication(args)
+    return Report(rows, format_rows(rows))
 
 
-def _benchmark_stats(args) -> None:
+def _benchmark_stats(args) -> dict:
     from .benchmark import benchmark_stats_overhead
 
-    print(json.dumps(benchmark_stats_overhead(args), indent=1))
+    return benchmark_stats_overhead(args)
 
 
-def _benchmark_upcycle(args) -> None:
+def _benchmark_upcycle(args) -> dict:
     from .upcycling.benchmark import benchmark_upcycling
 
-    print(json.dumps(benchmark_upcycling(args), indent=1))
+    return benchmark_upcycling(args)
 
 
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
@@ -101,18 +125,64 @@ def _commands() -> dict:
     }
 
 
+@dataclass
+class OutputOptions:
+    """Options every subcommand takes."""
+
+    json: bool = field(default=False, metadata={"help": "print the result as one JSON document (for machines)"})
+    debug: bool = field(default=False, metadata={"help": "show the traceback of any error (also: HF_MOE_DEBUG=1)"})
+
+
+def version_line() -> str:
+    import torch
+    import transformers
+
+    return f"hf-moe {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
+def _usage(commands: dict) -> str:
+    listing = "\n".join(f"  {name:<17} {help_text}" for name, (_, _, help_text) in commands.items())
+    return (f"{version_line()}\n\nusage: hf-moe {{{','.join(commands)}}} [options] [--json] [--debug]\n"
+            f"       hf-moe --version\n\n{listing}\n\n`hf-moe COMMAND --help` lists a command's options.")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run `hf-moe COMMAND ...`: print the command's report (or `--json`); a user error is one line, status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return
     commands = _commands()
     if not argv or argv[0] not in commands:
-        listing = "\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in commands.items())
-        print(f"usage: hf-moe {{{','.join(commands)}}} [options]\n\n{listing}", file=sys.stderr)
+        print(_usage(commands), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"hf-moe: error: unknown command {argv[0]!r}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    arguments_class, run, _ = commands[argv[0]]
-    parser = HfArgumentParser(arguments_class, prog=f"hf-moe {argv[0]}")
-    options = _with_positionals(argv[1:], POSITIONALS.get(argv[0], ()))
-    (args,) = parser.parse_args_into_dataclasses(args=options)
-    run(args)
+    command = argv[0]
+    arguments_class, run, help_text = commands[command]
+    parser = HfArgumentParser((arguments_class, OutputOptions), prog=f"hf-moe {command}",
+                              description=f"hf-moe {__version__} {command}: {help_text}")
+    # Read before parsing: errors raised while parsing (the dataclasses' validation) obey them too.
+    debug = "--debug" in argv or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")
+    as_json = "--json" in argv
+    try:
+        args, _ = parser.parse_args_into_dataclasses(args=_with_positionals(argv[1:], POSITIONALS.get(command, ())))
+        result = run(args)
+    except KeyboardInterrupt:
+        print(f"hf-moe {command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        message = user_message(error)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if debug:
+            traceback.print_exception(error)
+        if getattr(error, "report", None) is not None:  # e.g. the failed checks behind the error
+            print(render(error.report, as_json))
+        print(f"hf-moe {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result is not None:
+        print(render(result, as_json))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from ..atomic import atomic_output_dir
 from ..auto import meta_model
+from ..errors import OutputExistsError
 from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
 from ..modeling.modeling_hf_moe import auto_map_for
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
@@ -232,7 +233,7 @@ def run_upcycle(args: UpcycleArguments) -> Path:
     """Upcycle as described by `args`; see [`upcycle`]."""
     dense, config, output_dir = prepare(args)
     if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     if args.breaks_equivalence:
         logger.warning("%s: this initialisation changes the dense model's function on purpose", output_dir)
     calibrated = _calibrated_routers(args, dense, config)
