@@ -8,6 +8,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import OutputExistsError
+
 
 def _sibling_dir(target: Path, tag: str) -> Path:
     """A new hidden folder beside `target`, created by a plain `mkdir` so it gets the user's umask (not the 0o700 of
@@ -48,9 +50,10 @@ def _termination_raises() -> Iterator[None]:
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `output_dir`; on success rename it to `output_dir`, on failure delete it.
 
-    An existing `output_dir` raises `FileExistsError` before anything is written, unless `overwrite=True`, in which
-    case it is replaced only after the new folder is complete. The folder gets the permissions of a plain `mkdir`
-    (umask), and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging folder behind.
+    An existing `output_dir` raises `OutputExistsError` (a `FileExistsError`) before anything is written, unless
+    `overwrite=True`, in which case it is replaced only after the new folder is complete. The folder gets the
+    permissions of a plain `mkdir` (umask), and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging
+    folder behind.
 
     Example:
     ```python
@@ -60,7 +63,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with _termination_raises():
         staging = _sibling_dir(output_dir, "partial")

@@ -200,8 +200,12 @@ def test_capacity_that_cannot_bind_is_exported():
 def test_cli_export_and_refusal(tiny_upcycled, tmp_path, capsys):
     main(["export", str(tiny_upcycled), str(tmp_path / "cli"), "--to", "qwen2_moe"])
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["model_type"] == "qwen2_moe"
-    with pytest.raises(ExportRefusedError, match="no q/k norm"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # a refusal is a user error: one line, status 2
         main(["export", str(tiny_upcycled), str(tmp_path / "refused"), "--to", "qwen3_moe"])
-    assert not (tmp_path / "refused").exists()
-    with pytest.raises(ValueError, match="`to`='llama'"):
+    error = capsys.readouterr().err.strip()
+    assert refused.value.code == 2 and error.startswith("hf-moe export: error:") and "no q/k norm" in error
+    assert "\n" not in error and not (tmp_path / "refused").exists()
+    with pytest.raises(SystemExit) as bad:
         main(["export", str(tiny_upcycled), str(tmp_path / "bad"), "--to", "llama"])
+    assert bad.value.code == 2 and "`to`='llama'" in capsys.readouterr().err

@@ -266,8 +266,9 @@ def test_check_runs_the_fresh_process_load_and_flags_changed_code(upcycled, tmp_
         handle.write("\nraise ImportError('broken remote code')\n")
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["check", str(folder)])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert exit_info.value.code == 2 and captured.err.strip().endswith("1 problem(s) block publishing")
     assert lines[0].startswith("warning: modeling_hf_moe.py: differs from the installed hf_moe's copy")
     assert lines[1].startswith("error: the folder does not load as remote code") and "broken remote code" in lines[1]
 
@@ -329,8 +330,8 @@ def test_upcycle_dtype_bfloat16_is_exact_in_float32_and_opens_the_source_once(up
     read_weight_map = sources.read_weight_map
     monkeypatch.setattr(sources, "read_weight_map", lambda folder: opened.append(folder) or read_weight_map(folder))
     cli_main(["upcycle", str(dense_folder), str(tmp_path / "bf16"), "--num_experts", "4", "--dtype", "bfloat16",
-              "--verify"])
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+              "--verify", "--json"])
+    report = json.loads(capsys.readouterr().out)
 
     assert len(opened) == 1
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

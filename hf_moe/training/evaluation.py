@@ -116,3 +116,18 @@ def run_evaluate(args: EvaluateArguments) -> dict:
     if Path(args.model_path).is_dir():
         record_evaluation(model, args.model_path, report, report_dir)
     return report
+
+
+def format_evaluation(report: dict) -> str:
+    """`evaluate_model`'s report for people: perplexity, loss and exact match per split, then exact match per family."""
+    from ..cli_output import table
+
+    splits = {name: values for name, values in report.items() if isinstance(values, dict) and "perplexity" in values}
+    overall = table([{"split": name, **{key: values[key] for key in ("perplexity", "loss", "exact_match")}}
+                     for name, values in splits.items()],
+                    {"split": "split", "perplexity": "perplexity", "loss": "loss", "exact_match": "exact match"})
+    families = sorted({family for values in splits.values() for family in values["exact_match_per_family"]})
+    per_family = table([{"family": family, **{name: values["exact_match_per_family"].get(family)
+                                              for name, values in splits.items()}} for family in families],
+                       {"family": "family", **{name: f"{name} exact match" for name in splits}})
+    return f"{overall}\n\n{per_family}"

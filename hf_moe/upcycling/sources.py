@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..errors import HubUnreachableError
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -180,8 +182,13 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
         if source.count("/") != 1 or source.startswith((".", "/")):
             raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub id (owner/name)")
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-        path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "README.md", *TOKENIZER_FILES]))
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "README.md",
+                                                                  *TOKENIZER_FILES]))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # no network / HF_HUB_OFFLINE, not cached
+            raise HubUnreachableError(source) from error
     if not (path / "config.json").is_file():
         raise UnsupportedCheckpointError(f"{source}: no config.json")
     try:

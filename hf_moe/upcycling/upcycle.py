@@ -15,6 +15,7 @@ from transformers import GenerationConfig
 
 from ..atomic import atomic_output_dir
 from ..auto import meta_model
+from ..errors import OutputExistsError
 from ..hub.upcycled import source_lineage, write_upcycled_card
 from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
 from ..modeling.modeling_hf_moe import auto_map_for
@@ -263,7 +264,7 @@ def run_upcycle(args: UpcycleArguments, dense: DenseCheckpoint | None = None) ->
     args = copy.copy(args)  # the resolved dtype, without re-validating the user's choice
     args.dtype = output_dtype(args, dense)
     if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     if args.breaks_equivalence:
         logger.warning("%s: this initialisation changes the dense model's function on purpose", output_dir)
     calibrated = _calibrated_routers(args, dense, config)

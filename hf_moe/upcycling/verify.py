@@ -68,3 +68,19 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
         samples.append(sample)
     return dict(max_abs_logit_difference=worst, identical_generations=identical, inputs=len(inputs),
                 weights_dtype=weights_dtype, samples=samples)
+
+
+VERIFICATION_COLUMNS = {"prompt": "prompt", "dense": "dense answer", "upcycled": "upcycled answer",
+                        "max_abs_logit_difference": "max |Δlogit|", "identical": "identical?"}
+
+
+def format_verification(report: dict) -> str:
+    """`verify_upcycling`'s report for people: one summary line and a table with a row per prompt."""
+    from ..cli_output import table
+
+    heading = (f"verification: {report['identical_generations']}/{report['inputs']} greedy generations identical, "
+               f"max |Δlogit| {report['max_abs_logit_difference']:.2g}")
+    if not report["samples"]:
+        return heading
+    columns = {key: name for key, name in VERIFICATION_COLUMNS.items() if key in report["samples"][0]}
+    return f"{heading}\n{table(report['samples'], columns)}"
