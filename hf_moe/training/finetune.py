@@ -18,6 +18,7 @@ from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback
 from .freezing import freeze_moe
+from .optimizer_step import OptimizerStepCallback
 from .rollback import train_with_rollback
 from .router_stats import find_routers
 
@@ -39,6 +40,8 @@ class FinetuneArguments:
     learning_rate: float = 5e-5
     warmup_steps: int = 5
     max_length: int = 256
+    router_aux_loss_scope: str | None = field(default=None, metadata={
+        "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
     logging_steps: int = 10
     save_steps: int = 50
@@ -74,13 +77,16 @@ def build_trainer(args: FinetuneArguments, model=None, tokenizer=None, extra_cal
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model or AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    if args.router_aux_loss_scope is not None:
+        model.config.router_aux_loss_scope = args.router_aux_loss_scope
+        model.config.validate()
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
     train, evaluation = tokenized_splits(args, tokenizer)
     is_moe = bool(find_routers(model))
     callbacks = [NonFiniteGuardCallback(args.nonfinite_max_consecutive)]
     if is_moe:
-        callbacks.insert(0, ExpertStatsCallback())
+        callbacks[:0] = [ExpertStatsCallback(), OptimizerStepCallback()]
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
