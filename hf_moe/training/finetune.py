@@ -42,6 +42,7 @@ class FinetuneArguments:
     max_length: int = 256
     router_aux_loss_scope: str | None = field(default=None, metadata={
         "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
     logging_steps: int = 10
     save_steps: int = 50
@@ -79,6 +80,9 @@ def build_trainer(args: FinetuneArguments, model=None, tokenizer=None, extra_cal
     model = model or AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     if args.router_aux_loss_scope is not None:
         model.config.router_aux_loss_scope = args.router_aux_loss_scope
+    if args.router_aux_loss_coef is not None:
+        model.config.router_aux_loss_coef = args.router_aux_loss_coef
+    if args.router_aux_loss_scope is not None or args.router_aux_loss_coef is not None:
         model.config.validate()
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
