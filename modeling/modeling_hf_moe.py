@@ -838,5 +838,6 @@ __all__ = [
     "MoePreTrainedModel", "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
     "SwitchPreTrainedModel", "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
     "MHMoePreTrainedModel", "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
-    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "expert_dispatch_counts", "OptimizerStepRouting", "drop_over_capacity", "MODEL_CLASSES",
+    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
 ]
+__all__ += ["expert_dispatch_counts", "OptimizerStepRouting"]

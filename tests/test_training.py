@@ -95,10 +95,11 @@ def _max_difference(first: dict, second: dict) -> float:
 
 def test_gradient_accumulation_keeps_lm_loss_and_z_loss_exact_with_varied_rows(tiny_upcycled, tmp_path):
     # LM loss alone: the Trainer's num_items_in_batch makes GA exact.
-    lm_only = [_one_sgd_step(tiny_upcycled, tmp_path, batch, steps, aux=0.0, z=0.0) for batch, steps in ((8, 1), (2, 4))]
+    splits = ((8, 1), (2, 4))
+    lm_only = [_one_sgd_step(tiny_upcycled, tmp_path, batch, steps, aux=0.0, z=0.0) for batch, steps in splits]
     assert _max_difference(*lm_only) < 1e-6
     # z-loss weighted by the router-token share of the step: the per-router-token mean however the step is split.
-    with_z = [_one_sgd_step(tiny_upcycled, tmp_path, batch, steps, aux=0.0) for batch, steps in ((8, 1), (2, 4))]
+    with_z = [_one_sgd_step(tiny_upcycled, tmp_path, batch, steps, aux=0.0) for batch, steps in splits]
     assert _max_difference(*with_z) < 1e-6
     # Weighted by label tokens instead (no step marking), the rows' different lengths show.
     unmarked = _one_sgd_step(tiny_upcycled, tmp_path, 2, 4, aux=0.0, mark_steps=False)
