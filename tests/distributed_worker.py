@@ -9,6 +9,8 @@ and writes `result_rank<r>.json` with the largest differences it found and the l
   8-row batch; the aux loss and the gradients (summed over ranks, as DDP does) against one process with all 8 rows.
 """
 
+import datetime
+import faulthandler
 import json
 import sys
 from pathlib import Path
@@ -77,15 +79,19 @@ def check_global_batch_balancing(folder: Path) -> dict:
 
 
 def main(workdir: Path) -> None:
-    dist.init_process_group("gloo")
+    faulthandler.dump_traceback_later(240, exit=True)  # a stuck collective fails the test with the stacks
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     results = {}
     for folder in sorted(path for path in workdir.iterdir() if path.is_dir()):
         kind, _, model_type = folder.name.partition("-")
+        print(f"rank {dist.get_rank()}: {folder.name}", flush=True)
         if kind in PARALLEL_MODES:
             results[folder.name] = check_parallel_plan(folder, kind)
         elif kind == "global_batch":
             results[folder.name] = check_global_batch_balancing(folder)
     (workdir / f"result_rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    faulthandler.cancel_dump_traceback_later()
     dist.destroy_process_group()
 
 

@@ -65,7 +65,7 @@ def two_process_results(tmp_path_factory) -> list[dict]:
             _parallel_plan_case(workdir / f"{mode}-{model_type}", model_type)
     _global_batch_case(workdir / "global_batch-hf_moe")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(WORKER), str(workdir)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
