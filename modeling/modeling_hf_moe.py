@@ -290,25 +290,70 @@ def _masked_mean(values: torch.Tensor, row_mask: torch.Tensor | None) -> torch.T
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
-                        num_subtokens: int = 1) -> torch.Tensor:
+                        num_subtokens: int = 1, dispatch_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Load-balancing loss, Switch Transformer eq. 4 (GShard for k > 1): `E * sum_e f_e * P_e`, averaged over layers.
 
     `f_e` is the fraction of the (token, choice) assignments that pick expert e (top-k of the clean softmax),
     `P_e` the mean router probability of e. It equals 1 under uniform routing and E when every token picks one
     expert with certainty. Padding tokens (attention mask 0) are excluded; MH-MoE sub-tokens count as tokens.
+    A given `dispatch_fraction` (layers, E) replaces the f_e of these logits (global-batch balancing).
     """
     if not router_logits:
         return torch.zeros(())
     losses = []
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         probs = logits.float().softmax(dim=-1)  # (rows, E)
         num_experts = probs.shape[-1]
-        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
         row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
-        dispatch_fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
+        if dispatch_fraction is None:
+            chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+            fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
+        else:
+            fraction = dispatch_fraction[layer].to(probs.device)
         mean_probability = _masked_mean(probs, row_mask)  # P_e, sums to 1
-        losses.append(num_experts * (dispatch_fraction * mean_probability).sum())
+        losses.append(num_experts * (fraction * mean_probability).sum())
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def expert_dispatch_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
+                           num_subtokens: int = 1) -> torch.Tensor:
+    """(layers, E) float32: how many (non-padding row, choice) assignments picked each expert, per layer."""
+    counts = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        chosen = F.one_hot(logits.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+        row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
+        counts.append(chosen.sum(0) if row_mask is None else (chosen * row_mask[:, None]).sum(0))
+    return torch.stack(counts)
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all processes of the default group (in place) when torch.distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+class OptimizerStepRouting:
+    """What the micro-batches of one optimizer step share: the expert counts seen so far and the step's token count.
+
+    Global-batch balancing needs f_e over the whole step, but the micro-batches of a step are forwarded and
+    backwarded one after another, so micro-batch j can only use the counts of micro-batches 1..j (on all
+    processes): the first micro-batch of a step balances against its own f_e, the last against the exact global
+    one. Waiting for all of them would mean keeping every micro-batch's graph alive (the memory of the whole batch).
+    The cost is one (layers, E) buffer and one all-reduce of it per forward call.
+    """
+
+    def __init__(self, num_router_tokens: int | float | None = None):
+        self.num_router_tokens = num_router_tokens
+        self.dispatch_counts: torch.Tensor | None = None
+
+    def add(self, counts: torch.Tensor) -> torch.Tensor:
+        """Add this micro-batch's counts; returns the counts of the step so far."""
+        self.dispatch_counts = counts if self.dispatch_counts is None else self.dispatch_counts + counts
+        return self.dispatch_counts
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, num_subtokens: int = 1
@@ -678,6 +723,13 @@ class MoeModel(MoePreTrainedModel):
         )
 
 
+def _local_router_tokens(attention_mask, input_shape: torch.Size) -> torch.Tensor | int:
+    """Tokens of this forward call that the routers count (non-padding), as `begin_optimizer_step` counts them."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -input_shape[1]:].sum()
+    return input_shape[0] * input_shape[1]
+
+
 def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
     """This micro-batch's share of the label tokens of the whole optimizer step.
 
@@ -695,6 +747,7 @@ def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> tor
 class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Mixtral / Qwen3-MoE: the head is used right after the norm
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _auto_class = "AutoModelForCausalLM"
     base_model_class = MoeModel
@@ -732,12 +785,14 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         loss = lm_loss = aux_loss = z_loss = None
         if need_router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, config.num_experts_per_tok, attention_mask,
-                                           config.num_subtokens).to(logits.device)
+                                           config.num_subtokens, self._global_dispatch_fraction(
+                                               outputs.router_logits, attention_mask, labels)).to(logits.device)
             z_loss = router_z_loss(outputs.router_logits, attention_mask, config.num_subtokens).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
             aux_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
-            loss = lm_loss + aux_terms * _share_of_accumulated_batch(labels, kwargs.get("num_items_in_batch"))
+            loss = lm_loss + aux_terms * self._share_of_step(labels, attention_mask, outputs.last_hidden_state.shape,
+                                                             kwargs)
 
         return MoeCausalLMOutput(
             loss=loss,
@@ -750,6 +805,43 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+
+    # ---------------------------------------------------------------------------------- optimizer-step scope
+    def begin_optimizer_step(self, num_router_tokens: int | float | None = None) -> None:
+        """Mark the start of an optimizer step (before its first micro-batch); the Trainer callback
+        `hf_moe.training.OptimizerStepCallback` calls it, plain loops call it themselves.
+
+        - With `router_aux_loss_scope="global_batch"`, the micro-batches of the step then share their expert counts.
+        - `num_router_tokens`: the step's non-padding input tokens over all micro-batches and data-parallel
+          processes. With it, each micro-batch weights its aux and z-loss by its share of these tokens, so the
+          accumulated z-loss is the per-router-token mean of the whole step however it is split. Without it, the
+          share of `num_items_in_batch` label tokens is used (equal only when label and input tokens are).
+        """
+        self._optimizer_step = OptimizerStepRouting(num_router_tokens)
+
+    def end_optimizer_steps(self) -> None:
+        """Back to per-forward behaviour (no shared counts, label-token weighting), e.g. after training."""
+        self._optimizer_step = None
+
+    def _global_dispatch_fraction(self, router_logits, attention_mask, labels) -> torch.Tensor | None:
+        """f_e (layers, E) over the data-parallel processes and the step so far, or None for micro-batch scope."""
+        config = self.config
+        if config.router_aux_loss_scope != "global_batch" or not self.training or labels is None:
+            return None  # collectives only in training forwards, which every process runs
+        counts = _sum_over_processes(expert_dispatch_counts(router_logits, config.num_experts_per_tok,
+                                                            attention_mask, config.num_subtokens))
+        step = getattr(self, "_optimizer_step", None)
+        if step is not None:
+            counts = step.add(counts)
+        return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+    def _share_of_step(self, labels, attention_mask, hidden_shape, loss_kwargs) -> torch.Tensor | float:
+        """This micro-batch's weight for the aux and z-loss (its share of the step's router tokens if known)."""
+        step = getattr(self, "_optimizer_step", None)
+        if self.training and step is not None and step.num_router_tokens:
+            return _local_router_tokens(attention_mask, hidden_shape) / step.num_router_tokens
+        return _share_of_accumulated_batch(labels, loss_kwargs.get("num_items_in_batch"))
 
 
 class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrainedModel):
@@ -826,3 +918,4 @@ __all__ = [
     "MHMoePreTrainedModel", "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
 ]
+__all__ += ["expert_dispatch_counts", "OptimizerStepRouting"]

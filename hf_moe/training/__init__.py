@@ -6,10 +6,11 @@ from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_call
 from .evaluation import EvaluateArguments, evaluate_model, run_evaluate
 from .finetune import FinetuneArguments, FinetuneTrainingArguments, build_trainer, run_finetune
 from .freezing import freeze_moe
+from .optimizer_step import OptimizerStepCallback
 from .rollback import train_with_rollback
 from .router_stats import RouterStatsRecorder
 
-__all__ = ["ExpertStatsCallback", "NonFiniteGuardCallback", "add_moe_callbacks", "all_gradients_finite", "freeze_moe",
-           "train_with_rollback", "RouterStatsRecorder", "find_routers", "find_moe_layers", "FinetuneArguments",
-           "FinetuneTrainingArguments", "build_trainer", "run_finetune", "EvaluateArguments", "evaluate_model",
-           "run_evaluate"]
+__all__ = ["ExpertStatsCallback", "NonFiniteGuardCallback", "OptimizerStepCallback", "add_moe_callbacks",
+           "all_gradients_finite", "freeze_moe", "train_with_rollback", "RouterStatsRecorder", "find_routers",
+           "find_moe_layers", "FinetuneArguments", "FinetuneTrainingArguments", "build_trainer", "run_finetune",
+           "EvaluateArguments", "evaluate_model", "run_evaluate"]

@@ -7,6 +7,7 @@ import torch
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 
 from .heatmap import save_load_heatmap
+from .optimizer_step import OptimizerStepCallback
 from .router_stats import RouterStatsRecorder
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
     for callback in callbacks:
         if isinstance(callback, _MoeLogCallback):
             callback.peers = trainer.callback_handler.callbacks
+        if isinstance(callback, OptimizerStepCallback):
+            callback.trainer = trainer
     if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
         from ..hub.push import use_training_card_on_push
 
@@ -91,6 +94,7 @@ class ExpertStatsCallback(_MoeLogCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.recorder is None or logs is None or "loss" not in logs:  # training logs only
             return
+        sum_router_stats_over_processes(self.recorder)
         self._add_to_logs(state, logs, self.recorder.summary(per_expert=self.per_expert))
         self.recorder.reset()
 
@@ -101,7 +105,7 @@ class ExpertStatsCallback(_MoeLogCallback):
         self._write_heatmap(args, state)
 
     def _write_heatmap(self, args, state) -> Path | None:
-        if not self.heatmap or self.recorder is None or not self.recorder.routers:
+        if not self.heatmap or self.recorder is None or not self.recorder.routers or not state.is_world_process_zero:
             return None
         layers, matrix = self.recorder.load_matrix(cumulative=True)
         if matrix.sum() == 0:
@@ -114,6 +118,44 @@ class ExpertStatsCallback(_MoeLogCallback):
                 writer.add_image("moe/expert_load", image, state.global_step, dataformats="HWC")
                 writer.flush()
         return path
+
+
+_SUMMED_TOTALS = ("calls", "rows", "assignments", "dropped", "entropy", "aux_loss", "z_loss", "distinct_experts",
+                  "tokens")
+
+
+def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:
+    """Make the recorder's counts since its last reset global: sums over all processes of the default group.
+
+    Under data parallelism each process routes its own shard of the batch; the logged load must be the global one.
+    A collective: every process calls it at the same logging step (the Trainer runs `on_log` on all processes; only
+    the main process's reporters write). Costs one all-reduce per sparse layer per logging step.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for layer in sorted(recorder.routers):
+        totals = recorder.totals[layer]
+        loss_terms = [(sum(recorder.loss_terms.get(key, [])), len(recorder.loss_terms.get(key, [])))
+                      for key in ("lm_loss", "aux_loss", "z_loss")] if layer == min(recorder.routers) else []
+        packed = torch.tensor([*recorder.loads[layer].tolist(), *(totals[key] for key in _SUMMED_TOTALS),
+                               *(value for pair in loss_terms for value in pair)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        num_experts = recorder.loads[layer].numel()
+        global_load = packed[:num_experts].float()
+        recorder.cumulative_load[layer] += global_load - recorder.loads[layer]
+        recorder.loads[layer] = global_load
+        for index, key in enumerate(_SUMMED_TOTALS):
+            totals[key] = packed[num_experts + index].item()
+        for index, key in enumerate(("lm_loss", "aux_loss", "z_loss") if loss_terms else ()):
+            total, count = packed[num_experts + len(_SUMMED_TOTALS) + 2 * index:][:2].tolist()
+            recorder.loss_terms.pop(key, None)
+            if count:
+                recorder.loss_terms[key] = [total / count]
 
 
 class NonFiniteGuardCallback(_MoeLogCallback):

@@ -20,6 +20,7 @@ from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from .freezing import freeze_moe
+from .optimizer_step import OptimizerStepCallback
 from .rollback import train_with_rollback
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class FinetuneArguments:
     train_per_family: int = field(default=200, metadata={"help": "embedded mixture: training examples per family"})
     eval_per_family: int = field(default=10, metadata={"help": "embedded mixture: eval examples per family"})
     max_length: int = 256
+    router_aux_loss_scope: str | None = field(default=None, metadata={
+        "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
     nonfinite_max_consecutive: int = field(default=3, metadata={"help": "rollback after N non-finite steps in a row"})
 
@@ -84,12 +88,18 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model or AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    if args.router_aux_loss_scope is not None:
+        model.config.router_aux_loss_scope = args.router_aux_loss_scope
+    if args.router_aux_loss_coef is not None:
+        model.config.router_aux_loss_coef = args.router_aux_loss_coef
+    if args.router_aux_loss_scope is not None or args.router_aux_loss_coef is not None:
+        model.config.validate()
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
     train, evaluation = tokenized_splits(args, tokenizer, training_args.seed)
     callbacks = [NonFiniteGuardCallback(args.nonfinite_max_consecutive)]
     if find_moe_layers(model, warn=True):
-        callbacks.insert(0, ExpertStatsCallback())
+        callbacks[:0] = [ExpertStatsCallback(), OptimizerStepCallback()]
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
                       callbacks=list(extra_callbacks))
