@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 
 from transformers import HfArgumentParser
 
@@ -214,6 +214,14 @@ class OutputOptions:
     debug: bool = field(default=False, metadata={"help": "show the traceback of any error (also: HF_MOE_DEBUG=1)"})
 
 
+def _shared_options(arguments_classes) -> list:
+    """The `OutputOptions` fields a command takes: all but those its own dataclasses define (`finetune`'s
+    TrainingArguments has its own `--debug`; there, HF_MOE_DEBUG=1 shows tracebacks)."""
+    classes = arguments_classes if isinstance(arguments_classes, tuple) else (arguments_classes,)
+    taken = {name for cls in classes for name in cls.__dataclass_fields__}
+    return [option for option in fields(OutputOptions) if option.name not in taken]
+
+
 def version_line() -> str:
     import torch
     import transformers
@@ -240,8 +248,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"hf-moe: error: unknown command {argv[0]!r}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command = argv[0]
-    debug = "--debug" in argv or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")
-    as_json = "--json" in argv
+    shared = {option.name for option in _shared_options(commands[command][0])}
+    debug = ("debug" in shared and "--debug" in argv) or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")
+    as_json = "json" in shared and "--json" in argv
     try:
         run, arguments = parse_command(argv, commands)  # the dataclasses' validation errors obey --json/--debug too
         result = run(*arguments)
@@ -269,7 +278,9 @@ def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
     arguments_classes, run, help_text = (commands or _commands())[command]
     if not isinstance(arguments_classes, tuple):  # one dataclass, or a tuple (finetune: + TrainingArguments)
         arguments_classes = (arguments_classes,)
-    parser = HfArgumentParser((*arguments_classes, OutputOptions), prog=f"hf-moe {command}",
+    shared = make_dataclass("OutputOptions", [(option.name, option.type, option)
+                                              for option in _shared_options(arguments_classes)])
+    parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {command}",
                               description=f"hf-moe {__version__} {command}: {help_text}")
     *arguments, _ = parser.parse_args_into_dataclasses(args=_with_positionals(argv[1:], POSITIONALS.get(command, ())))
     return run, arguments
