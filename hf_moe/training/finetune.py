@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     Trainer,
@@ -16,6 +15,7 @@ from transformers import (
 
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..quantization.lora import load_for_finetuning
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback
 from .freezing import freeze_moe
 from .rollback import train_with_rollback
@@ -48,6 +48,12 @@ class FinetuneArguments:
     nonfinite_max_consecutive: int = field(default=3, metadata={"help": "rollback after N non-finite steps in a row"})
     report_to: str = field(default="tensorboard")
     seed: int = 0
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base in bitsandbytes 4-bit NF4, experts included (needs --lora_r)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = train the full model"})
+    lora_targets: str = field(default="attention,experts", metadata={
+        "help": "comma-separated LoRA targets: attention, experts, router"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_r)"})
 
 
 def tokenized_splits(args: FinetuneArguments, tokenizer):
@@ -73,7 +79,8 @@ def build_trainer(args: FinetuneArguments, model=None, tokenizer=None, extra_cal
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model or AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    model = model or load_for_finetuning(args.model_path, args.load_in_4bit, args.lora_r, args.lora_targets,
+                                         args.lora_alpha)
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
     train, evaluation = tokenized_splits(args, tokenizer)
