@@ -4,6 +4,8 @@
 """
 
 from .auto import register_auto_classes
+from .export import ExportArguments, ExportRefusedError, export, verify_export
+from .hub import check_folder, publish, register_model_card_writer
 from .modeling import (
     MHMoeConfig,
     MHMoeForCausalLM,
@@ -28,6 +30,7 @@ from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, ve
 __version__ = "0.1.0"
 
 register_auto_classes()
+register_model_card_writer()
 register_experts_quantizers()  # from_pretrained(quantization_config=BitsAndBytesConfig(...)) quantises experts too
 
 __all__ = [
@@ -37,4 +40,6 @@ __all__ = [
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
     "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
+    "export", "ExportArguments", "ExportRefusedError", "verify_export",
+    "check_folder", "publish",
 ]

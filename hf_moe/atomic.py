@@ -2,17 +2,58 @@
 
 import contextlib
 import shutil
-import tempfile
+import signal
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import OutputExistsError
+
+
+def _sibling_dir(target: Path, tag: str) -> Path:
+    """A new hidden folder beside `target`, created by a plain `mkdir` so it gets the user's umask (not the 0o700 of
+    `tempfile.mkdtemp`, which would make the renamed output unreadable to a server or a colleague)."""
+    while True:
+        candidate = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def _termination_raises() -> Iterator[None]:
+    """Turn SIGTERM into `SystemExit(143)` for the duration, so `finally`/`except` cleanup runs as it does for
+    SIGINT's `KeyboardInterrupt` (the default SIGTERM action kills the process without unwinding).
+
+    Only where Python may install handlers (the main thread) and only over the default action: a handler the
+    application installed itself is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `output_dir`; on success rename it to `output_dir`, on failure delete it.
 
-    An existing `output_dir` raises `FileExistsError` before anything is written, unless `overwrite=True`, in which
-    case it is replaced only after the new folder is complete.
+    An existing `output_dir` raises `OutputExistsError` (a `FileExistsError`) before anything is written, unless
+    `overwrite=True`, in which case it is replaced only after the new folder is complete. The folder gets the
+    permissions of a plain `mkdir` (umask), and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging
+    folder behind.
 
     Example:
     ```python
@@ -22,18 +63,19 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
-    try:
-        yield staging
-        if output_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            output_dir.rename(retired / output_dir.name)
-            staging.rename(output_dir)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _termination_raises():
+        staging = _sibling_dir(output_dir, "partial")
+        try:
+            yield staging
+            if output_dir.exists():
+                retired = _sibling_dir(output_dir, "old")
+                output_dir.rename(retired / output_dir.name)
+                staging.rename(output_dir)
+                shutil.rmtree(retired)
+            else:
+                staging.rename(output_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

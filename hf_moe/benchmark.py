@@ -30,6 +30,10 @@ class SparseBlockBenchmarkArguments:
     repeats: int = field(default=5, metadata={"help": "timed calls per row; the median is reported"})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     seed: int = field(default=0)
+    decode: bool = field(default=True, metadata={"help": "also time greedy decoding (DecodeBenchmarkArguments "
+                                                          "defaults): eager vs static cache + torch.compile"})
+    decode_new_tokens: int = field(default=32, metadata={"help": "tokens generated per decoding round"})
+    decode_model_types: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={"help": "comma-separated"})
 
 
 def paired_median_seconds(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -195,3 +199,112 @@ def benchmark_stats_overhead(args: StatsOverheadArguments) -> dict:
     return {"plain_step_s": statistics.median(seconds["plain"]),
             "with_stats_step_s": statistics.median(seconds["with_stats"]),
             "overhead_ratio": statistics.median(ratios)}
+
+
+@dataclass
+class DecodeBenchmarkArguments:
+    hidden_size: int = field(default=256, metadata={"help": "model width of the decoding models"})
+    num_hidden_layers: int = 4
+    num_experts: int = 8
+    moe_intermediate_size: int = 512
+    vocab_size: int = 2048
+    batch_size: int = 1
+    prompt_length: int = 16
+    new_tokens: int = 32
+    repeats: int = field(default=5, metadata={"help": "timed rounds; the median is reported"})
+    model_types: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={"help": "comma-separated"})
+    seed: int = 0
+
+
+def _decode_config(model_type: str, args: DecodeBenchmarkArguments):
+    from .modeling import MODEL_CLASSES
+
+    config_class = next(cls for cls in MODEL_CLASSES if cls.model_type == model_type)
+    fields = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 3,
+                  num_hidden_layers=args.num_hidden_layers, num_attention_heads=max(1, args.hidden_size // 64),
+                  num_key_value_heads=max(1, args.hidden_size // 128), num_experts=args.num_experts,
+                  moe_intermediate_size=args.moe_intermediate_size, sparse_layers=list(range(args.num_hidden_layers)),
+                  max_position_embeddings=args.prompt_length + args.new_tokens + 8, pad_token_id=0, eos_token_id=None)
+    if model_type == "hf_moe":
+        fields.update(num_experts_per_tok=2)
+    if model_type == "hf_mh_moe":
+        fields.update(num_moe_heads=4, num_experts_per_tok=2)
+    return config_class(**fields)
+
+
+def mixtral_with_the_same_weights(model: nn.Module) -> nn.Module:
+    """transformers' `MixtralForCausalLM` holding an hf_moe top-k model's weights (same names and layout)."""
+    from transformers import MixtralForCausalLM
+
+    config = model.config
+    mixtral_config = MixtralConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.moe_intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, num_local_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=config.rope_parameters, max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings, pad_token_id=config.pad_token_id, eos_token_id=None)
+    mixtral = MixtralForCausalLM(mixtral_config).eval()
+    mixtral.load_state_dict(model.state_dict(), strict=True)
+    return mixtral
+
+
+def _generator(model: nn.Module, ids: torch.Tensor, new_tokens: int, compiled: bool) -> Callable[[], torch.Tensor]:
+    from transformers import CompileConfig
+
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if compiled:
+        compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+        settings.update(cache_implementation="static", compile_config=compile_config)
+
+    def run():
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **settings)
+
+    return run
+
+
+def benchmark_decoding(args: DecodeBenchmarkArguments) -> list[dict]:
+    """Greedy decoding tokens/s per architecture: eager (dynamic cache) vs static cache with the decoding step
+    compiled by inductor (`fullgraph=True`), and for the top-k MoE transformers' Mixtral with the same weights, eager
+    and compiled. Every candidate's tokens are checked against the eager hf_moe tokens of the same model."""
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for model_type in args.model_types.split(","):
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(_decode_config(model_type, args)).eval()
+        _randomize(model, args.seed)
+        ids = torch.randint(1, args.vocab_size, (args.batch_size, args.prompt_length),
+                            generator=torch.Generator().manual_seed(args.seed))
+        candidates = {"eager": _generator(model, ids, args.new_tokens, compiled=False),
+                      "compiled": _generator(model, ids, args.new_tokens, compiled=True)}
+        if model_type == "hf_moe":
+            mixtral = mixtral_with_the_same_weights(model)
+            candidates["mixtral_eager"] = _generator(mixtral, ids, args.new_tokens, compiled=False)
+            candidates["mixtral_compiled"] = _generator(mixtral, ids, args.new_tokens, compiled=True)
+        reference = candidates["eager"]()
+        same_tokens = {name: bool(torch.equal(run(), reference)) for name, run in candidates.items()}  # also warms up
+        seconds = paired_median_seconds(candidates, args.repeats)
+        generated = args.batch_size * args.new_tokens
+        row = {"model": model_type, "same_tokens_as_eager": all(same_tokens.values())}
+        for name, times in seconds.items():
+            row[f"{name}_tokens_per_s"] = generated / statistics.median(times)
+        row["compiled_speedup"] = statistics.median(e / c for e, c in zip(seconds["eager"], seconds["compiled"],
+                                                                          strict=True))
+        rows.append(row)
+    return rows
+
+
+def format_decoding_table(rows: list[dict]) -> str:
+    def rate(row, key):
+        return f"{row[key]:.0f}" if key in row else "n/a"
+
+    lines = ["| model | eager tok/s | static cache + compiled tok/s | compiled speedup | Mixtral eager tok/s | "
+             "Mixtral compiled tok/s | same tokens |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['model']} | {rate(row, 'eager_tokens_per_s')} | {rate(row, 'compiled_tokens_per_s')} | "
+                     f"{row['compiled_speedup']:.2f}x | {rate(row, 'mixtral_eager_tokens_per_s')} | "
+                     f"{rate(row, 'mixtral_compiled_tokens_per_s')} | {'yes' if row['same_tokens_as_eager'] else 'NO'} |")
+    return "\n".join(lines)

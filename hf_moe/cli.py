@@ -1,69 +1,163 @@
 """`hf-moe`: the command line. Each subcommand parses its arguments dataclass with `HfArgumentParser` and calls the
-library; `hf-moe SUBCOMMAND --help` lists the options."""
+library; `hf-moe SUBCOMMAND --help` lists the options.
+
+Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from `main`):
+
+1. Write `def _name(args)` that calls the library and RETURNS its result instead of printing: plain data (a dict is
+   shown as a key/value summary, a list of row dicts as a table) or `Report(data, text)` when people should see a
+   text of your own (build it with `hf_moe.cli_output.table` / `summary`). `--json` prints the data.
+2. Add `"name": (ArgumentsDataclass, _name, "one-line help")` to `_commands()`, and its leading positional
+   arguments to `POSITIONALS` if it takes any.
+3. Raise, don't print, on bad input: `ValueError` (a value; name the field, the value and what is allowed),
+   `FileNotFoundError` / `OutputExistsError` (paths), or `hf_moe.errors.UserError(message, report=...)` for a
+   request that ran but failed, e.g. a check with failed items: the report is printed, then the error line.
+   These print `hf-moe NAME: error: MESSAGE` on stderr and exit with status 2; anything else is a bug and keeps
+   its traceback. `--debug` or `HF_MOE_DEBUG=1` always shows the traceback.
+"""
 
 import json
+import os
 import sys
+import traceback
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-POSITIONALS = {"upcycle": ("source", "output_dir"), "finetune": ("model_path",), "evaluate": ("model_path",)}
+from . import __version__
+from .cli_output import Report, render
+from .errors import UserError, user_message
+
+POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
+               "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id")}
 
 
-def _demo(args) -> None:
+def _demo(args) -> list[dict]:
     from .demo import run_demo
 
-    for row in run_demo(args):
-        print(json.dumps(row))
+    return run_demo(args)
 
 
-def _benchmark(args) -> None:
-    from .benchmark import benchmark_sparse_blocks, format_table
+def _benchmark(args) -> Report:
+    from .benchmark import (
+        DecodeBenchmarkArguments,
+        benchmark_decoding,
+        benchmark_sparse_blocks,
+        format_decoding_table,
+        format_table,
+    )
 
-    print(format_table(benchmark_sparse_blocks(args)))
+    rows = benchmark_sparse_blocks(args)
+    result, text = {"sparse_blocks": rows}, format_table(rows)
+    if args.decode:
+        decode_args = DecodeBenchmarkArguments(new_tokens=args.decode_new_tokens, repeats=args.repeats,
+                                               model_types=args.decode_model_types, seed=args.seed)
+        result["decoding"] = benchmark_decoding(decode_args)
+        text += "\n\n" + format_decoding_table(result["decoding"])
+    return Report(result if args.decode else rows, text)
 
 
-def _upcycle(args) -> None:
+def _upcycle(args) -> Report:
     from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
+    from .upcycling.mixing import routing_accuracy_markdown
+    from .upcycling.verify import format_verification
 
-    folder = run_upcycle(args)
-    print(f"upcycled model written to {folder}")
+    dense = open_dense_checkpoint(args.source, args.gguf_file)  # opened (and a GGUF dequantised) once
+    folder = run_upcycle(args, dense)
+    result, text = {"output_dir": str(folder)}, f"upcycled model written to {folder}"
+    if args.verify and args.experts:  # a mix is not the dense function: report how its routers sort the domains
+        mixing = json.loads((folder / "mixing.json").read_text())
+        result.update(mixing)
+        if "routing_accuracy" in mixing:
+            text += "\n\n" + routing_accuracy_markdown(args.experts, mixing["routing_accuracy"])
+    elif args.verify:
+        report = verify_upcycling(dense, folder)
+        result.update(report)
+        text += "\n\n" + format_verification(report)
+    return Report(result, text)
+
+
+def _export(args) -> Report:
+    from .export import run_export, verify_export
+    from .upcycling.verify import format_verification
+
+    folder = run_export(args)
+    result, text = {"output_dir": str(folder)}, f"exported model written to {folder}"
     if args.verify:
-        report = verify_upcycling(open_dense_checkpoint(args.source, args.gguf_file), folder)
-        for sample in report.pop("samples"):
-            print(json.dumps(sample, ensure_ascii=False))
-        print(json.dumps(report))
+        report = verify_export(args.source, folder)
+        result.update(report)
+        text += "\n\n" + format_verification(report).replace("upcycled answer", "exported answer")
+    return Report(result, text)
 
 
-def _finetune(args) -> None:
+def _finetune(args, training_args) -> Report:
     from .training import run_finetune
 
-    print(f"fine-tuned model written to {run_finetune(args)}")
+    folder = run_finetune(args, training_args)
+    return Report({"output_dir": str(folder)}, f"fine-tuned model written to {folder}")
 
 
-def _evaluate(args) -> None:
+def _evaluate(args) -> Report:
     from .training import run_evaluate
+    from .training.evaluation import format_evaluation
 
     report = run_evaluate(args)
     report.pop("expert_specialisation", None)
-    print(json.dumps(report, indent=1))
+    return Report(report, format_evaluation(report))
 
 
-def _replicate(args) -> None:
+def _replicate(args) -> Report:
     from .training.replication import format_rows, run_replication
 
-    print(format_rows(run_replication(args)))
+    rows = run_replication(args)
+    return Report(rows, format_rows(rows))
 
 
-def _benchmark_stats(args) -> None:
+def _benchmark_stats(args) -> dict:
     from .benchmark import benchmark_stats_overhead
 
-    print(json.dumps(benchmark_stats_overhead(args), indent=1))
+    return benchmark_stats_overhead(args)
 
 
-def _benchmark_upcycle(args) -> None:
+def _benchmark_upcycle(args) -> dict:
     from .upcycling.benchmark import benchmark_upcycling
 
-    print(json.dumps(benchmark_upcycling(args), indent=1))
+    return benchmark_upcycling(args)
+
+
+def _benchmark_export(args) -> dict:
+    from .export.benchmark import benchmark_export
+
+    return benchmark_export(args)
+
+
+def _check(args) -> Report:
+    from .hub import check_folder
+
+    problems = check_folder(args.folder, load=not args.skip_load_check)
+    rows = [{"severity": problem.severity, "problem": problem.message} for problem in problems]
+    errors = sum(problem.severity == "error" for problem in problems)
+    if errors:
+        raise UserError(f"{args.folder}: {errors} problem(s) block publishing", report=Report(
+            rows, "\n".join(map(str, problems))))
+    return Report({"folder": args.folder, "ready": True, "problems": rows},
+                  "\n".join([*map(str, problems), f"{args.folder}: ready to publish"]))
+
+
+def _publish(args) -> Report:
+    from dataclasses import asdict
+
+    from .hub import publish
+
+    result = publish(**asdict(args))
+    data = {"repo_id": result.repo_id, "files": result.files, "left_out": result.left_out,
+            "metadata": result.metadata, "commit_url": None if args.dry_run else result.commit_url}
+    if args.dry_run:
+        text = "\n".join(["would upload:", *(f"  {name}" for name in result.files), "left out:",
+                          *(f"  {name}" for name in result.left_out), "card metadata:",
+                          json.dumps(result.metadata, indent=1)])
+    else:
+        text = f"published {len(result.files)} files to https://huggingface.co/{result.repo_id}: {result.commit_url}"
+    return Report(data, text)
 
 
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
@@ -78,7 +172,11 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 def _commands() -> dict:
     from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
     from .demo import DemoArguments
-    from .training import EvaluateArguments, FinetuneArguments
+    from .export import ExportArguments
+    from .export.benchmark import ExportBenchmarkArguments
+    from .hub.check import CheckArguments
+    from .hub.publish import PublishArguments
+    from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
     from .upcycling.benchmark import UpcycleBenchmarkArguments
@@ -86,33 +184,95 @@ def _commands() -> dict:
     return {
         "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
                     "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
+        "export": (ExportArguments, _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|qwen3_moe: the same model as "
+                   "a native checkpoint for stock transformers (or a refusal naming why)"),
         "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
-        "finetune": (FinetuneArguments, _finetune, "MODEL_PATH: instruction-tune with the MoE callbacks "
-                     "(default data: the embedded task mixture)"),
+        "finetune": ((FinetuneArguments, FinetuneTrainingArguments), _finetune, "MODEL_PATH: instruction-tune with "
+                     "the MoE callbacks; also every TrainingArguments option (default data: the embedded task mixture)"),
         "evaluate": (EvaluateArguments, _evaluate, "MODEL_PATH: perplexity, exact match per task family, "
                      "expert specialisation"),
         "replicate": (ReplicationArguments, _replicate, "dense vs upcycled MoE vs upcycled Switch, equal steps on "
                       "the embedded mixture (SmolLM2 start)"),
+        "check": (CheckArguments, _check, "FOLDER: is the model folder ready for the Hub? one line per problem"),
+        "publish": (PublishArguments, _publish, "FOLDER REPO_ID: check, then upload the allow-listed files "
+                    "(--dry-run: list them)"),
         "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
         "benchmark-stats": (StatsOverheadArguments, _benchmark_stats,
                             "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
+        "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
+                             "time and peak memory: streaming export vs load + save_pretrained"),
     }
 
 
+@dataclass
+class OutputOptions:
+    """Options every subcommand takes."""
+
+    json: bool = field(default=False, metadata={"help": "print the result as one JSON document (for machines)"})
+    debug: bool = field(default=False, metadata={"help": "show the traceback of any error (also: HF_MOE_DEBUG=1)"})
+
+
+def version_line() -> str:
+    import torch
+    import transformers
+
+    return f"hf-moe {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
+def _usage(commands: dict) -> str:
+    listing = "\n".join(f"  {name:<17} {help_text}" for name, (_, _, help_text) in commands.items())
+    return (f"{version_line()}\n\nusage: hf-moe {{{','.join(commands)}}} [options] [--json] [--debug]\n"
+            f"       hf-moe --version\n\n{listing}\n\n`hf-moe COMMAND --help` lists a command's options.")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run `hf-moe COMMAND ...`: print the command's report (or `--json`); a user error is one line, status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--version"]:
+        print(version_line())
+        return
     commands = _commands()
     if not argv or argv[0] not in commands:
-        listing = "\n".join(f"  {name:<10} {help_text}" for name, (_, _, help_text) in commands.items())
-        print(f"usage: hf-moe {{{','.join(commands)}}} [options]\n\n{listing}", file=sys.stderr)
+        print(_usage(commands), file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"hf-moe: error: unknown command {argv[0]!r}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    arguments_class, run, _ = commands[argv[0]]
-    parser = HfArgumentParser(arguments_class, prog=f"hf-moe {argv[0]}")
-    options = _with_positionals(argv[1:], POSITIONALS.get(argv[0], ()))
-    (args,) = parser.parse_args_into_dataclasses(args=options)
-    run(args)
+    command = argv[0]
+    debug = "--debug" in argv or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")
+    as_json = "--json" in argv
+    try:
+        run, arguments = parse_command(argv, commands)  # the dataclasses' validation errors obey --json/--debug too
+        result = run(*arguments)
+    except KeyboardInterrupt:
+        print(f"hf-moe {command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as error:
+        message = user_message(error)
+        if message is None:
+            raise  # a bug: keep the traceback
+        if debug:
+            traceback.print_exception(error)
+        if getattr(error, "report", None) is not None:  # e.g. the failed checks behind the error
+            print(render(error.report, as_json))
+        print(f"hf-moe {command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if result is not None:
+        print(render(result, as_json))
+
+
+def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
+    """(the subcommand's function, its parsed argument dataclasses) for `argv` = [SUBCOMMAND, options...]; the
+    options every command takes (`--json`, `--debug`) are parsed and left out."""
+    command = argv[0]
+    arguments_classes, run, help_text = (commands or _commands())[command]
+    if not isinstance(arguments_classes, tuple):  # one dataclass, or a tuple (finetune: + TrainingArguments)
+        arguments_classes = (arguments_classes,)
+    parser = HfArgumentParser((*arguments_classes, OutputOptions), prog=f"hf-moe {command}",
+                              description=f"hf-moe {__version__} {command}: {help_text}")
+    *arguments, _ = parser.parse_args_into_dataclasses(args=_with_positionals(argv[1:], POSITIONALS.get(command, ())))
+    return run, arguments
 
 
 if __name__ == "__main__":

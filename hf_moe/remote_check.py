@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+# Prepended to every script: any `import hf_moe` in the fresh process raises ImportError.
+_BLOCK_HF_MOE = "import sys\nsys.modules['hf_moe'] = None\n"
+
 _REMOTE_LOADER = textwrap.dedent(
     """
     import json, sys
-    sys.modules["hf_moe"] = None  # any `import hf_moe` now raises ImportError
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     folder, ids, max_new_tokens, result_path = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), int(sys.argv[3]), sys.argv[4]
@@ -47,12 +49,21 @@ def load_as_remote_code(folder: str | Path, input_ids: torch.Tensor, max_new_tok
     ['MoeForCausalLM', 'MoeModel', 'MoeForSequenceClassification']
     ```
     """
+    return run_without_hf_moe(_REMOTE_LOADER, str(Path(folder).resolve()), json.dumps(input_ids.tolist()),
+                              str(max_new_tokens), description=f"loading {folder} as remote code")
+
+
+def run_without_hf_moe(script: str, *arguments: str, description: str = "the check") -> dict:
+    """Run `script` in a fresh Python process in which `import hf_moe` fails, and return what it saved.
+
+    The script receives `arguments` as `sys.argv[1:]` plus, last, a path where it must `torch.save` its result.
+    Raises `RuntimeError` with the subprocess's error output if it fails.
+    """
     with tempfile.TemporaryDirectory() as scratch:
         result_path = Path(scratch) / "result.pt"
-        command = [sys.executable, "-c", _REMOTE_LOADER, str(Path(folder).resolve()),
-                   json.dumps(input_ids.tolist()), str(max_new_tokens), str(result_path)]
+        command = [sys.executable, "-c", _BLOCK_HF_MOE + script, *arguments, str(result_path)]
         # cwd is the scratch folder so that a source checkout of hf_moe is not importable from the working directory.
         completed = subprocess.run(command, capture_output=True, text=True, cwd=scratch)
         if completed.returncode != 0:
-            raise RuntimeError(f"loading {folder} as remote code failed:\n{completed.stderr[-4000:]}")
+            raise RuntimeError(f"{description} failed:\n{completed.stderr[-4000:]}")
         return torch.load(result_path)

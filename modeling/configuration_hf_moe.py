@@ -12,6 +12,7 @@ This file is copied next to the weights by `save_pretrained` and loaded as remot
 from transformers import PreTrainedConfig
 
 ROUTER_TYPES = ("softmax_topk", "noisy_topk")
+ROUTER_AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
@@ -87,6 +88,12 @@ class MoeConfig(PreTrainedConfig):
             `E * sum_e f_e * P_e` (Switch eq. 4, GShard), which is 1 under uniform routing.
         router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss `mean(logsumexp(logits)^2)`
             (ST-MoE eq. 5).
+        router_aux_loss_scope (`str`, defaults to `"micro_batch"`): over which tokens the expert-selection
+            frequencies f_e of the load-balancing loss are counted while training. `"micro_batch"`: the tokens of
+            each forward call. `"global_batch"` (Qiu et al., arXiv 2501.11873, as in Qwen3-MoE): f_e is summed over
+            all data-parallel processes (one all-reduce of a (layers, E) tensor per forward call) and over the
+            gradient-accumulation micro-batches of the optimizer step seen so far (see
+            `MoeForCausalLM.begin_optimizer_step`); P_e stays local and carries the gradient.
         output_router_logits (`bool`, defaults to `False`): return the per-layer router logits.
 
     Provenance:
@@ -171,6 +178,7 @@ class MoeConfig(PreTrainedConfig):
     # auxiliary losses
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
+    router_aux_loss_scope: str = "micro_batch"
     output_router_logits: bool = False
     # provenance
     base_model: str | None = None
@@ -206,6 +214,8 @@ class MoeConfig(PreTrainedConfig):
                  f"choose 1..{self.num_experts} (`num_experts`={self.num_experts})")
         _require(not self.straight_through_topk or self.norm_topk_prob, "straight_through_topk",
                  self.straight_through_topk, "requires `norm_topk_prob=True`")
+        _require(self.router_aux_loss_scope in ROUTER_AUX_LOSS_SCOPES, "router_aux_loss_scope",
+                 self.router_aux_loss_scope, f"choose one of {ROUTER_AUX_LOSS_SCOPES}")
         _require(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"choose one of {ROUTER_TYPES}")
         for field in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, field)

@@ -28,7 +28,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
@@ -134,7 +134,7 @@ class MoeAttention(nn.Module):
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query_states = self.q_proj(hidden_states).view(hidden_shape)  # (batch, seq, heads, head_dim)
@@ -146,8 +146,8 @@ class MoeAttention(nn.Module):
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -184,20 +184,33 @@ class MoeMLP(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ routing
 def drop_over_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int,
-                       capacity_factor: float) -> torch.Tensor:
+                       capacity_factor: float, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Zero the combine weight of the assignments that overflow their expert's capacity.
 
     Capacity = `ceil(capacity_factor * assignments / num_experts)` (Switch Transformer Sec. 2.2). Queues fill in
     slot-major order, so every token's first choice is served before any second choice (GShard), and in token order
     within a slot. A dropped assignment keeps a valid expert index with weight 0: the expert output for it is 0 and
     the residual connection carries the token on.
+
+    `token_mask (tokens,)` marks the real tokens: padding takes no place in any queue (its weights are zeroed) and
+    the capacity counts real tokens only, so a padded batch routes its real tokens exactly as the same tokens
+    unpadded. Without a mask every token is real. Shapes stay static (no data-dependent sizes) for torch.compile.
     """
     num_tokens, top_k = top_k_index.shape
-    capacity = max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    if token_mask is None:
+        capacity = max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    else:
+        # The same float64 expression as above, on the real-token count (a tensor: no host sync, traceable).
+        num_real = token_mask.sum().to(torch.float64)
+        capacity = torch.ceil(capacity_factor * num_real * top_k / num_experts).clamp(min=1)
     slot_major = top_k_index.t().reshape(-1)  # (k * tokens,)
     one_hot = F.one_hot(slot_major, num_experts)  # (k * tokens, experts)
-    position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # (k * tokens,)
+    if token_mask is not None:
+        one_hot = one_hot * token_mask.repeat(top_k).unsqueeze(-1)  # padding rows join no queue
+    position_in_expert = (one_hot.cumsum(0) * one_hot).sum(-1) - 1  # (k * tokens,); -1 for padding
     keep = (position_in_expert < capacity).reshape(top_k, num_tokens).t()  # (tokens, k)
+    if token_mask is not None:
+        keep = keep & token_mask.unsqueeze(-1)
     return top_k_weights * keep
 
 
@@ -224,7 +237,9 @@ class MoeTopKRouter(nn.Module):
             nn.Parameter(torch.empty(config.num_experts, input_size)) if config.router_type == "noisy_topk" else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all)."""
         # Selective precision (Switch Sec. 2.4): the router runs in at least float32 whatever the model dtype.
         router_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         router_input = hidden_states.to(router_dtype)  # (tokens, d)
@@ -246,7 +261,8 @@ class MoeTopKRouter(nn.Module):
             top_k_weights = top_k_weights / (norm.detach() if self.straight_through_topk else norm)
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
         if capacity_factor is not None:
-            top_k_weights = drop_over_capacity(top_k_index, top_k_weights, self.num_experts, capacity_factor)
+            top_k_weights = drop_over_capacity(top_k_index, top_k_weights, self.num_experts, capacity_factor,
+                                               token_mask)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
@@ -274,25 +290,70 @@ def _masked_mean(values: torch.Tensor, row_mask: torch.Tensor | None) -> torch.T
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
-                        num_subtokens: int = 1) -> torch.Tensor:
+                        num_subtokens: int = 1, dispatch_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Load-balancing loss, Switch Transformer eq. 4 (GShard for k > 1): `E * sum_e f_e * P_e`, averaged over layers.
 
     `f_e` is the fraction of the (token, choice) assignments that pick expert e (top-k of the clean softmax),
     `P_e` the mean router probability of e. It equals 1 under uniform routing and E when every token picks one
     expert with certainty. Padding tokens (attention mask 0) are excluded; MH-MoE sub-tokens count as tokens.
+    A given `dispatch_fraction` (layers, E) replaces the f_e of these logits (global-batch balancing).
     """
     if not router_logits:
         return torch.zeros(())
     losses = []
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         probs = logits.float().softmax(dim=-1)  # (rows, E)
         num_experts = probs.shape[-1]
-        chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
         row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
-        dispatch_fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
+        if dispatch_fraction is None:
+            chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+            fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
+        else:
+            fraction = dispatch_fraction[layer].to(probs.device)
         mean_probability = _masked_mean(probs, row_mask)  # P_e, sums to 1
-        losses.append(num_experts * (dispatch_fraction * mean_probability).sum())
+        losses.append(num_experts * (fraction * mean_probability).sum())
     return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def expert_dispatch_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
+                           num_subtokens: int = 1) -> torch.Tensor:
+    """(layers, E) float32: how many (non-padding row, choice) assignments picked each expert, per layer."""
+    counts = []
+    for logits in router_logits:
+        num_experts = logits.shape[-1]
+        chosen = F.one_hot(logits.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+        row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
+        counts.append(chosen.sum(0) if row_mask is None else (chosen * row_mask[:, None]).sum(0))
+    return torch.stack(counts)
+
+
+def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all processes of the default group (in place) when torch.distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(tensor)
+    return tensor
+
+
+class OptimizerStepRouting:
+    """What the micro-batches of one optimizer step share: the expert counts seen so far and the step's token count.
+
+    Global-batch balancing needs f_e over the whole step, but the micro-batches of a step are forwarded and
+    backwarded one after another, so micro-batch j can only use the counts of micro-batches 1..j (on all
+    processes): the first micro-batch of a step balances against its own f_e, the last against the exact global
+    one. Waiting for all of them would mean keeping every micro-batch's graph alive (the memory of the whole batch).
+    The cost is one (layers, E) buffer and one all-reduce of it per forward call.
+    """
+
+    def __init__(self, num_router_tokens: int | float | None = None):
+        self.num_router_tokens = num_router_tokens
+        self.dispatch_counts: torch.Tensor | None = None
+
+    def add(self, counts: torch.Tensor) -> torch.Tensor:
+        """Add this micro-batch's counts; returns the counts of the step so far."""
+        self.dispatch_counts = counts if self.dispatch_counts is None else self.dispatch_counts + counts
+        return self.dispatch_counts
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, num_subtokens: int = 1
@@ -312,8 +373,10 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, 
 def _is_16_byte_aligned(tensor: torch.Tensor) -> bool:
     size = tensor.element_size()
     strides_aligned = all((stride * size) % 16 == 0 for stride in tensor.stride() if stride != 1)
-    # The CPU kernel accepts any base address (weights memory-mapped from safetensors often sit at 8-byte offsets).
-    return strides_aligned and (tensor.device.type == "cpu" or tensor.data_ptr() % 16 == 0)
+    # The CPU kernel accepts any base address (weights memory-mapped from safetensors often sit at 8-byte offsets);
+    # a traced graph has no addresses to read (transformers' dispatcher then picks a compile-safe kernel itself).
+    return strides_aligned and (tensor.device.type == "cpu" or torch.compiler.is_compiling()
+                                or tensor.data_ptr() % 16 == 0)
 
 
 def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -365,7 +428,9 @@ class MoeExperts(nn.Module):
         expert_of_assignment = top_k_index.reshape(-1)  # (tokens * k,)
         order = expert_of_assignment.argsort(stable=True)  # assignments grouped by expert
         token_of_assignment = order // top_k  # (tokens * k,)
-        tokens_per_expert = torch.bincount(expert_of_assignment, minlength=self.num_experts)
+        # A fixed-size count (bincount's output size depends on the data, which torch.compile cannot trace).
+        tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=top_k_index.device).index_add_(
+            0, expert_of_assignment, torch.ones_like(expert_of_assignment))
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
 
         expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (tokens * k, H), sorted by expert
@@ -389,10 +454,12 @@ class MoeSparseBlock(nn.Module):
             shared_size = config.num_shared_experts * config.moe_intermediate_size
             self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_mask (batch, seq)` bool marks the real tokens (see `drop_over_capacity`); None: all are real."""
         input_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
-        _, top_k_weights, top_k_index = self.gate(tokens)
+        row_mask = token_mask.reshape(-1) if token_mask is not None else None
+        _, top_k_weights, top_k_index = self.gate(tokens, row_mask)
         output = self.experts(tokens, top_k_index, top_k_weights)
         if self.shared_experts is not None:
             output = output + self.shared_experts(tokens)
@@ -420,10 +487,12 @@ class MHMoeSparseBlock(nn.Module):
             shared_size = config.num_shared_experts * config.moe_intermediate_size
             self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_mask (batch, seq)` bool marks the real tokens; each one's h sub-tokens share its flag."""
         input_shape = hidden_states.shape
         sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
-        _, top_k_weights, top_k_index = self.gate(sub_tokens)
+        row_mask = token_mask.reshape(-1).repeat_interleave(self.num_heads) if token_mask is not None else None
+        _, top_k_weights, top_k_index = self.gate(sub_tokens, row_mask)
         merged = self.experts(sub_tokens, top_k_index, top_k_weights).reshape(input_shape)  # (batch, seq, d)
         output = self.merge_proj(merged)
         if self.shared_experts is not None:
@@ -444,23 +513,27 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
             self.mlp = SPARSE_BLOCKS[config.model_type](config)
         else:
             self.mlp = MoeMLP(config, config.hidden_size, config.intermediate_size)
+        self.is_sparse = layer_idx in config.sparse_layer_indices
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                position_embeddings=None, token_mask=None, **kwargs) -> torch.Tensor:
+        cache = _cache_argument(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        mlp_input = self.post_attention_layernorm(hidden_states)
+        mlp_output = self.mlp(mlp_input, token_mask) if self.is_sparse else self.mlp(mlp_input)
+        return hidden_states + mlp_output
 
 
 @dataclass
@@ -474,14 +547,41 @@ class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
     z_loss: torch.Tensor | None = None
 
 
-# transformers 5.24 renamed the mask builders' `past_key_values` argument to `cache`.
+# transformers 5.24 renamed `past_key_values` to `cache`: the mask builders' and layers' argument and the output
+# field (the old names still work there but log a deprecation message). This file runs as remote code in the user's
+# transformers, so it speaks whichever name the installed version uses.
 _MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def _cache_argument(past_key_values, kwargs: dict):
+def _cache_argument(cache, kwargs: dict):
     """The KV cache, whichever name the caller used: transformers >= 5.24 passes `cache=`, 5.23 `past_key_values=`."""
-    cache = kwargs.pop("cache", None)
-    return past_key_values if past_key_values is not None else cache
+    past_key_values = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else past_key_values
+
+
+def real_token_mask(attention_mask, batch_size: int, seq_len: int, past_seen_tokens) -> torch.Tensor | None:
+    """`(batch, seq)` bool: which tokens of this forward call are real (not padding), from the mask the model got.
+
+    - 2-D padding mask `(batch, past + seq)`: its last `seq` columns.
+    - 4-D mask `(batch, 1, seq, kv)` (a custom one, or the one `generate` prepares for a static cache): a token is
+      real when it may attend to itself; padding is masked as a key for every query, its own included. Its key
+      column is `past_seen_tokens + i` (also for a static cache, whose columns are absolute positions). Boolean
+      masks allow with True, additive float masks with 0.
+    - None or a flex-attention BlockMask: None (every token is real; packed sequences have no padding).
+    """
+    if isinstance(attention_mask, dict):  # `generate` may pass the per-layer-type masks it prepared
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask[:, -seq_len:].bool().expand(batch_size, seq_len)
+    if attention_mask.dim() != 4:
+        return None
+    query = torch.arange(seq_len, device=attention_mask.device)
+    self_entry = attention_mask[:, 0, query, query + past_seen_tokens]  # (batch or 1, seq)
+    allowed = self_entry if self_entry.dtype == torch.bool else self_entry == 0
+    return allowed.expand(batch_size, seq_len)
 
 
 class MoePreTrainedModel(PreTrainedModel):
@@ -489,12 +589,14 @@ class MoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # data-dependent expert group sizes
+    # Static shapes throughout (expert group sizes live in tensors, transformers' grouped-mm dispatcher picks a
+    # traceable kernel), so a static cache and `torch.compile(fullgraph=True)` decoding work.
+    _can_compile_fullgraph = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(MoeTopKRouter, index=0),
         "hidden_states": MoeDecoderLayer,
@@ -541,7 +643,21 @@ class MoePreTrainedModel(PreTrainedModel):
         # transformers writes only the saved class into `auto_map`; list every head so that all Auto classes load
         # the folder as remote code.
         self.config.auto_map = auto_map_for(type(self.config))
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if self.model_card_writer is not None and kwargs.get("is_main_process", True):
+            self.model_card_writer(save_directory)
+        return result
+
+    # `import hf_moe` sets this to hf_moe's model-card writer, called as `writer(model, folder, repo_id=None)`.
+    # Without hf_moe (remote code) it stays None and transformers' own card is kept.
+    model_card_writer = None
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # Both push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) write transformers' generic README.md
+        # after saving and just before this upload step, so hf_moe's card replaces it here.
+        if self.model_card_writer is not None:
+            self.model_card_writer(working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
 
 class MoeModel(MoePreTrainedModel):
@@ -558,26 +674,30 @@ class MoeModel(MoePreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> MoeModelOutputWithPast:
-        past_key_values = _cache_argument(past_key_values, kwargs)
+        cache = _cache_argument(cache, kwargs)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
+        # Only expert capacity needs to know the padding; dropless routing treats every row alike.
+        token_mask = None
+        if self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None:
+            token_mask = real_token_mask(attention_mask, *inputs_embeds.shape[:2], past_seen_tokens)
 
         if not isinstance(mask_mapping := attention_mask, dict):  # `generate` may have prepared them already
             mask_kwargs = {
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                _MASK_CACHE_ARGUMENT: past_key_values,
+                _MASK_CACHE_ARGUMENT: cache,
                 "position_ids": position_ids,
             }
             mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -592,14 +712,22 @@ class MoeModel(MoePreTrainedModel):
                 attention_mask=mask_mapping[self.config.layer_types[layer_idx]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                token_mask=token_mask,
+                **{_CACHE_NAME: cache},  # the name GradientCheckpointingLayer looks for to drop the cache
                 **kwargs,
             )
         return MoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache else None,
+            **{_CACHE_NAME: cache if use_cache else None},
         )
+
+
+def _local_router_tokens(attention_mask, input_shape: torch.Size) -> torch.Tensor | int:
+    """Tokens of this forward call that the routers count (non-padding), as `begin_optimizer_step` counts them."""
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return attention_mask[:, -input_shape[1]:].sum()
+    return input_shape[0] * input_shape[1]
 
 
 def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
@@ -619,6 +747,7 @@ def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> tor
 class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
+    _fsdp_plan = {"lm_head": "keep_full_weight"}  # as Mixtral / Qwen3-MoE: the head is used right after the norm
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
     _auto_class = "AutoModelForCausalLM"
     base_model_class = MoeModel
@@ -630,11 +759,12 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_router_logits: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutput:
         config = self.config
-        past_key_values = _cache_argument(past_key_values, kwargs)
+        cache = _cache_argument(cache, kwargs)
         if output_router_logits is None:
             output_router_logits = config.output_router_logits
         # The auxiliary losses are always part of a training loss: a run can never silently train without them.
@@ -643,10 +773,11 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=need_router_logits,
+            return_dict=True,  # this forward reads the fields; `can_return_tuple` makes the tuple for the caller
+            **{_CACHE_NAME: cache},
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -654,12 +785,14 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         loss = lm_loss = aux_loss = z_loss = None
         if need_router_logits:
             aux_loss = load_balancing_loss(outputs.router_logits, config.num_experts_per_tok, attention_mask,
-                                           config.num_subtokens).to(logits.device)
+                                           config.num_subtokens, self._global_dispatch_fraction(
+                                               outputs.router_logits, attention_mask, labels)).to(logits.device)
             z_loss = router_z_loss(outputs.router_logits, attention_mask, config.num_subtokens).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
             aux_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
-            loss = lm_loss + aux_terms * _share_of_accumulated_batch(labels, kwargs.get("num_items_in_batch"))
+            loss = lm_loss + aux_terms * self._share_of_step(labels, attention_mask, outputs.last_hidden_state.shape,
+                                                             kwargs)
 
         return MoeCausalLMOutput(
             loss=loss,
@@ -667,11 +800,48 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{_CACHE_NAME: getattr(outputs, _CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
+
+
+    # ---------------------------------------------------------------------------------- optimizer-step scope
+    def begin_optimizer_step(self, num_router_tokens: int | float | None = None) -> None:
+        """Mark the start of an optimizer step (before its first micro-batch); the Trainer callback
+        `hf_moe.training.OptimizerStepCallback` calls it, plain loops call it themselves.
+
+        - With `router_aux_loss_scope="global_batch"`, the micro-batches of the step then share their expert counts.
+        - `num_router_tokens`: the step's non-padding input tokens over all micro-batches and data-parallel
+          processes. With it, each micro-batch weights its aux and z-loss by its share of these tokens, so the
+          accumulated z-loss is the per-router-token mean of the whole step however it is split. Without it, the
+          share of `num_items_in_batch` label tokens is used (equal only when label and input tokens are).
+        """
+        self._optimizer_step = OptimizerStepRouting(num_router_tokens)
+
+    def end_optimizer_steps(self) -> None:
+        """Back to per-forward behaviour (no shared counts, label-token weighting), e.g. after training."""
+        self._optimizer_step = None
+
+    def _global_dispatch_fraction(self, router_logits, attention_mask, labels) -> torch.Tensor | None:
+        """f_e (layers, E) over the data-parallel processes and the step so far, or None for micro-batch scope."""
+        config = self.config
+        if config.router_aux_loss_scope != "global_batch" or not self.training or labels is None:
+            return None  # collectives only in training forwards, which every process runs
+        counts = _sum_over_processes(expert_dispatch_counts(router_logits, config.num_experts_per_tok,
+                                                            attention_mask, config.num_subtokens))
+        step = getattr(self, "_optimizer_step", None)
+        if step is not None:
+            counts = step.add(counts)
+        return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+
+    def _share_of_step(self, labels, attention_mask, hidden_shape, loss_kwargs) -> torch.Tensor | float:
+        """This micro-batch's weight for the aux and z-loss (its share of the step's router tokens if known)."""
+        step = getattr(self, "_optimizer_step", None)
+        if self.training and step is not None and step.num_router_tokens:
+            return _local_router_tokens(attention_mask, hidden_shape) / step.num_router_tokens
+        return _share_of_accumulated_batch(labels, loss_kwargs.get("num_items_in_batch"))
 
 
 class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrainedModel):
@@ -697,7 +867,7 @@ class SwitchModel(SwitchPreTrainedModel, MoeModel):
     pass
 
 
-class SwitchForCausalLM(SwitchPreTrainedModel, MoeForCausalLM):
+class SwitchForCausalLM(SwitchPreTrainedModel, MoeForCausalLM, GenerationMixin):
     base_model_class = SwitchModel
 
 
@@ -713,7 +883,7 @@ class MHMoeModel(MHMoePreTrainedModel, MoeModel):
     pass
 
 
-class MHMoeForCausalLM(MHMoePreTrainedModel, MoeForCausalLM):
+class MHMoeForCausalLM(MHMoePreTrainedModel, MoeForCausalLM, GenerationMixin):
     base_model_class = MHMoeModel
 
 
@@ -748,3 +918,4 @@ __all__ = [
     "MHMoePreTrainedModel", "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
 ]
+__all__ += ["expert_dispatch_counts", "OptimizerStepRouting"]

@@ -24,6 +24,14 @@ def tiny_config(model_type: str, **overrides):
     return MHMoeConfig(**{**fields, **overrides})
 
 
+def finetune_arguments(**fields):
+    """(FinetuneArguments, FinetuneTrainingArguments) of `hf-moe finetune` from one flat set of options."""
+    from hf_moe.training import FinetuneArguments, FinetuneTrainingArguments
+
+    own = {name: fields.pop(name) for name in list(fields) if name in FinetuneArguments.__dataclass_fields__}
+    return FinetuneArguments(**own), FinetuneTrainingArguments(**fields)
+
+
 MODEL_TYPES = ["hf_moe", "hf_switch", "hf_mh_moe"]
 
 

@@ -20,6 +20,8 @@ INVALID = [
     (MoeConfig, dict(expert_dropout=1.5), "`expert_dropout`=1.5 is invalid: must be in [0, 1)"),
     (MoeConfig, dict(router_jitter_noise=-0.1), "`router_jitter_noise`=-0.1 is invalid"),
     (MoeConfig, dict(router_aux_loss_coef=-1.0), "`router_aux_loss_coef`=-1.0 is invalid: must be >= 0"),
+    (MoeConfig, dict(router_aux_loss_scope="batch"),
+     "`router_aux_loss_scope`='batch' is invalid: choose one of ('micro_batch', 'global_batch')"),
     (MoeConfig, dict(initializer_scale=0.0), "`initializer_scale`=0.0 is invalid"),
     (MoeConfig, dict(num_shared_experts=-1), "`num_shared_experts`=-1 is invalid"),
     (MoeConfig, dict(head_dim=7), "`head_dim`=7 is invalid"),

@@ -15,28 +15,31 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..moe_layers import find_moe_layers
+
 logger = logging.getLogger(__name__)
 
 EXPERT_PARAMETER_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 
 
-# TODO(moe_layers): expert finding belongs in hf_moe/moe_layers.py (issue 9), the one place that knows how MoE blocks
-# look; fold this into it at merge.
 def find_fused_experts(model: nn.Module) -> dict[str, nn.Module]:
-    """{qualified module name: experts module} for every module holding fused 3-D expert tensors.
-
-    Matches transformers' layout (Mixtral, Qwen-MoE, OLMoE, ... and hf_moe): a module with a 3-D `gate_up_proj`
-    (or `up_proj`) and `down_proj`, already quantised or not. Inside peft wrappers the wrapped module is returned once,
-    under its unwrapped name.
+    """{qualified module name: experts module} for every sparse block (`hf_moe.moe_layers`) whose experts are fused
+    3-D tensors: a 3-D `gate_up_proj` (or `up_proj`) and `down_proj`, already quantised or not (transformers' layout:
+    Mixtral, Qwen-MoE, OLMoE, ... and hf_moe). Inside a peft model the wrapped module is returned under its name in
+    the base model.
     """
+    modules = dict(model.named_modules())
     experts = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == "ParamWrapper":  # peft's wrapper around an experts module
+    for layer in find_moe_layers(model):
+        module = modules.get(layer.experts_name) if layer.experts_name else None
+        while type(module).__name__ == "ParamWrapper":  # peft's wrapper(s) around an experts module
+            module = module.base_layer
+        if module is None:
             continue
-        tensors = [_expert_tensor(module, parameter) for parameter in ("gate_up_proj", "up_proj", "down_proj")]
+        tensors = [_expert_tensor(module, parameter) for parameter in EXPERT_PARAMETER_NAMES]
         shapes = [tensor.dim() for tensor in tensors if tensor is not None]
         if len(shapes) >= 2 and all(ndim == 3 for ndim in shapes):
-            experts[unwrapped_name(name)] = module
+            experts[unwrapped_name(layer.experts_name)] = module
     return experts
 
 

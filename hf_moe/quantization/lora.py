@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .experts import expert_parameters, find_fused_experts, unwrapped_name
+from ..moe_layers import find_moe_layers
+from .experts import expert_parameters, unwrapped_name
 from .peft_compat import patch_peft_for_parametrized_parameters
 
 LORA_TARGETS = ("attention", "experts", "router")
@@ -29,17 +30,9 @@ def parse_lora_targets(targets: str | tuple[str, ...] | list[str]) -> tuple[str,
 
 
 def router_weights(model: nn.Module) -> dict[str, nn.Module]:
-    """{qualified name of the router weight: router module}, the `gate` (or `router`) beside each experts module."""
-    modules = dict(model.named_modules())
-    routers = {}
-    for experts_name in find_fused_experts(model):
-        block = experts_name.rpartition(".")[0]
-        for attribute in ("gate", "router"):
-            router = modules.get(f"{block}.{attribute}" if block else attribute)
-            if router is not None and isinstance(getattr(router, "weight", None), nn.Parameter):
-                routers[f"{block}.{attribute}.weight"] = router
-                break
-    return routers
+    """{qualified name of the router weight: router module} for every sparse block (`hf_moe.moe_layers`)."""
+    return {f"{unwrapped_name(layer.router_name)}.weight": layer.router for layer in find_moe_layers(model)
+            if isinstance(getattr(layer.router, "weight", None), nn.Parameter)}
 
 
 def moe_lora_targets(model: nn.Module, targets=("attention", "experts")) -> dict[str, list[str]]:

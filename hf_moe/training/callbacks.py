@@ -1,51 +1,53 @@
 """Trainer callbacks for MoE runs: expert statistics in every logger, a load heatmap, and the non-finite guard."""
 
-import inspect
 import logging
-import math
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 
 from .heatmap import save_load_heatmap
+from .optimizer_step import OptimizerStepCallback
 from .router_stats import RouterStatsRecorder
 
 logger = logging.getLogger(__name__)
 
 
-def _calling_callback_handler() -> CallbackHandler | None:
-    """The `CallbackHandler` dispatching the current event (found on the call stack)."""
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
+def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
+    """Add `callbacks` to `trainer` ahead of its reporting integrations (TensorBoard, W&B, ...), so the keys they add
+    in `on_log` reach every `report_to` logger, not only `state.log_history`. Returns the trainer.
 
+    The Trainer runs its reporters before the callbacks passed to it (`default_callbacks + callbacks`) and offers no
+    public way to insert a callback at a position; so the callbacks after `DefaultFlowCallback` are popped and added
+    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test).
 
-class _FirstInLineCallback(TrainerCallback):
-    """Moves itself to the front of the Trainer's callbacks when the Trainer is built.
-
-    The Trainer appends `logs` to `state.log_history` and then calls `on_log` on the reporting integrations
-    (TensorBoard, W&B, ...) before user callbacks, so keys a user callback adds in `on_log` reach neither. Running
-    first, this callback adds its keys to `logs` (seen by every reporter after it) and to the `log_history` entry.
+    Example:
+    ```python
+    >>> trainer = add_moe_callbacks(SFTTrainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
+    ```
     """
+    behind = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, DefaultFlowCallback)]
+    for callback in behind:
+        trainer.pop_callback(callback)
+    for callback in (*callbacks, *behind):
+        trainer.add_callback(callback)
+    for callback in callbacks:
+        if isinstance(callback, _MoeLogCallback):
+            callback.peers = trainer.callback_handler.callbacks
+        if isinstance(callback, OptimizerStepCallback):
+            callback.trainer = trainer
+    if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
+        from ..hub.push import use_training_card_on_push
 
-    handler: CallbackHandler | None = None
+        use_training_card_on_push(trainer)  # trainer.push_to_hub() then uploads hf_moe's fine-tuned card
+    return trainer
 
-    def on_init_end(self, args, state, control, **kwargs):
-        self.handler = _calling_callback_handler()
-        if self.handler is None:
-            logger.warning("%s could not find the Trainer's callback handler; its keys reach log_history only",
-                           type(self).__name__)
-            return
-        callbacks = self.handler.callbacks
-        # Moving an element from position i to 0 keeps the handler's running loop on the right next element.
-        callbacks.remove(self)
-        callbacks.insert(0, self)
+
+class _MoeLogCallback(TrainerCallback):
+    """Adds its keys to the `logs` of `on_log` (seen by every reporter after it, see [`add_moe_callbacks`]) and to
+    the `state.log_history` entry the Trainer appended just before."""
+
+    peers: list = ()  # the trainer's callbacks, set by `add_moe_callbacks` (the heatmap goes to TensorBoard's writer)
 
     def _add_to_logs(self, state, logs: dict, values: dict) -> None:
         logs.update(values)
@@ -53,7 +55,7 @@ class _FirstInLineCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
-class ExpertStatsCallback(_FirstInLineCallback):
+class ExpertStatsCallback(_MoeLogCallback):
     """Logs MoE statistics at every logging step into `state.log_history` and every `report_to` logger.
 
     Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the model's LM loss, load-balancing
@@ -65,8 +67,11 @@ class ExpertStatsCallback(_FirstInLineCallback):
 
     Example:
     ```python
-    >>> trainer = Trainer(model=moe, args=args, train_dataset=ds, callbacks=[ExpertStatsCallback()])
+    >>> trainer = add_moe_callbacks(Trainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
     ```
+
+    Passed as `Trainer(callbacks=[ExpertStatsCallback()])` instead, its keys reach `log_history` and the reporters
+    listed after it only (the Trainer runs the `report_to` integrations first).
     """
 
     def __init__(self, per_expert: bool = True, heatmap: bool = True):
@@ -78,16 +83,18 @@ class ExpertStatsCallback(_FirstInLineCallback):
         if self.recorder is None:
             self.recorder = RouterStatsRecorder(model, only_training=True)
             if not self.recorder.routers:
-                logger.warning("ExpertStatsCallback: the model has no hf_moe routers; nothing will be logged")
+                logger.warning("ExpertStatsCallback: no MoE router recognised; nothing will be logged")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.recorder is not None:
+            self._write_heatmap(args, state)  # the whole run, for the model card
             self.recorder.remove()
             self.recorder = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.recorder is None or logs is None or "loss" not in logs:  # training logs only
             return
+        sum_router_stats_over_processes(self.recorder)
         self._add_to_logs(state, logs, self.recorder.summary(per_expert=self.per_expert))
         self.recorder.reset()
 
@@ -98,14 +105,14 @@ class ExpertStatsCallback(_FirstInLineCallback):
         self._write_heatmap(args, state)
 
     def _write_heatmap(self, args, state) -> Path | None:
-        if not self.heatmap or self.recorder is None or not self.recorder.routers:
+        if not self.heatmap or self.recorder is None or not self.recorder.routers or not state.is_world_process_zero:
             return None
         layers, matrix = self.recorder.load_matrix(cumulative=True)
         if matrix.sum() == 0:
             return None
         path = Path(args.output_dir) / "expert_load" / f"expert_load_step{state.global_step}.png"
         image = save_load_heatmap(matrix, layers, path, title=f"expert load up to step {state.global_step}")
-        for callback in self.handler.callbacks if self.handler else []:
+        for callback in self.peers:
             writer = getattr(callback, "tb_writer", None)
             if writer is not None:
                 writer.add_image("moe/expert_load", image, state.global_step, dataformats="HWC")
@@ -113,7 +120,45 @@ class ExpertStatsCallback(_FirstInLineCallback):
         return path
 
 
-class NonFiniteGuardCallback(_FirstInLineCallback):
+_SUMMED_TOTALS = ("calls", "rows", "assignments", "dropped", "entropy", "aux_loss", "z_loss", "distinct_experts",
+                  "tokens")
+
+
+def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:
+    """Make the recorder's counts since its last reset global: sums over all processes of the default group.
+
+    Under data parallelism each process routes its own shard of the batch; the logged load must be the global one.
+    A collective: every process calls it at the same logging step (the Trainer runs `on_log` on all processes; only
+    the main process's reporters write). Costs one all-reduce per sparse layer per logging step.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for layer in sorted(recorder.routers):
+        totals = recorder.totals[layer]
+        loss_terms = [(sum(recorder.loss_terms.get(key, [])), len(recorder.loss_terms.get(key, [])))
+                      for key in ("lm_loss", "aux_loss", "z_loss")] if layer == min(recorder.routers) else []
+        packed = torch.tensor([*recorder.loads[layer].tolist(), *(totals[key] for key in _SUMMED_TOTALS),
+                               *(value for pair in loss_terms for value in pair)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        num_experts = recorder.loads[layer].numel()
+        global_load = packed[:num_experts].float()
+        recorder.cumulative_load[layer] += global_load - recorder.loads[layer]
+        recorder.loads[layer] = global_load
+        for index, key in enumerate(_SUMMED_TOTALS):
+            totals[key] = packed[num_experts + index].item()
+        for index, key in enumerate(("lm_loss", "aux_loss", "z_loss") if loss_terms else ()):
+            total, count = packed[num_experts + len(_SUMMED_TOTALS) + 2 * index:][:2].tolist()
+            recorder.loss_terms.pop(key, None)
+            if count:
+                recorder.loss_terms[key] = [total / count]
+
+
+class NonFiniteGuardCallback(_MoeLogCallback):
     """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
     after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
 
@@ -131,7 +176,6 @@ class NonFiniteGuardCallback(_FirstInLineCallback):
         self.consecutive = 0
         self.rollback_requested = False
         self.rollbacks = 0
-        self._skipping = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if all_gradients_finite(model):
@@ -141,18 +185,16 @@ class NonFiniteGuardCallback(_FirstInLineCallback):
         self.consecutive += 1
         logger.warning("non-finite gradients at step %d: optimizer step skipped (%d in a row)",
                        state.global_step + 1, self.consecutive)
-        original_step = optimizer.step
-        optimizer.step = lambda *a, **k: None  # this step only; restored in on_optimizer_step
-        self._skipping = (optimizer, original_step)
+        if not args.fp16:  # fp16's GradScaler skips non-finite steps itself (and needs the gradients to do so)
+            # The Trainer has no public way to skip its `optimizer.step()`. Torch optimizers leave every parameter
+            # whose `.grad` is None alone (no update, no state, no step count), so dropping the gradients makes the
+            # coming step a no-op; the learning-rate schedule still advances.
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
         if self.consecutive >= self.max_consecutive:
             self.rollback_requested = True
             control.should_training_stop = True
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        if self._skipping is not None:
-            optimizer, original_step = self._skipping
-            optimizer.step = original_step
-            self._skipping = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
@@ -165,5 +207,4 @@ def all_gradients_finite(model: torch.nn.Module) -> bool:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return True
-    norms = torch._foreach_norm(grads)
-    return math.isfinite(torch.stack([n.float().cpu() for n in norms]).sum().item())
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)).item())

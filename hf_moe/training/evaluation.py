@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data import build_mixture
 from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
+from ..hub.evaluation import record_evaluation
 from ..metrics import EXACT_MATCH_PATH
 from .heatmap import save_load_heatmap
 from .router_stats import RouterStatsRecorder
@@ -110,5 +111,23 @@ def run_evaluate(args: EvaluateArguments) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=args.seed)
     report_dir = Path(args.report_dir) if args.report_dir else Path(args.model_path) / "evaluation"
-    return evaluate_model(model, tokenizer, {"validation": mixture["validation"], "heldout": mixture["heldout"]},
-                          args.max_new_tokens, report_dir)
+    report = evaluate_model(model, tokenizer, {"validation": mixture["validation"], "heldout": mixture["heldout"]},
+                            args.max_new_tokens, report_dir)
+    if Path(args.model_path).is_dir():
+        record_evaluation(model, args.model_path, report, report_dir)
+    return report
+
+
+def format_evaluation(report: dict) -> str:
+    """`evaluate_model`'s report for people: perplexity, loss and exact match per split, then exact match per family."""
+    from ..cli_output import table
+
+    splits = {name: values for name, values in report.items() if isinstance(values, dict) and "perplexity" in values}
+    overall = table([{"split": name, **{key: values[key] for key in ("perplexity", "loss", "exact_match")}}
+                     for name, values in splits.items()],
+                    {"split": "split", "perplexity": "perplexity", "loss": "loss", "exact_match": "exact match"})
+    families = sorted({family for values in splits.values() for family in values["exact_match_per_family"]})
+    per_family = table([{"family": family, **{name: values["exact_match_per_family"].get(family)
+                                              for name, values in splits.items()}} for family in families],
+                       {"family": "family", **{name: f"{name} exact match" for name in splits}})
+    return f"{overall}\n\n{per_family}"

@@ -5,7 +5,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -15,39 +14,33 @@ from transformers import (
 
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..hub.training import write_training_card
+from ..moe_layers import find_moe_layers
 from ..quantization.lora import load_for_finetuning
-from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback
+from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from .freezing import freeze_moe
+from .optimizer_step import OptimizerStepCallback
 from .rollback import train_with_rollback
-from .router_stats import find_routers
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class FinetuneArguments:
+    """The model and data options of `hf-moe finetune`; the training options are [`FinetuneTrainingArguments`]."""
+
     model_path: str = field(default="out/SmolLM2-135M-Instruct-hf_moe-8x2", metadata={
-        "help": "model folder (hf_moe or dense) with its tokenizer"})
-    output_dir: str = field(default="runs/finetune", metadata={"help": "checkpoints, logs, final model"})
+        "help": "model folder (hf_moe, a transformers MoE such as Mixtral / Qwen3-MoE, or dense) with its tokenizer"})
     dataset: str | None = field(default=None, metadata={
         "help": "datasets name/folder or .json/.jsonl; empty = the embedded task mixture"})
     train_per_family: int = field(default=200, metadata={"help": "embedded mixture: training examples per family"})
     eval_per_family: int = field(default=10, metadata={"help": "embedded mixture: eval examples per family"})
-    max_steps: int = 100
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    warmup_steps: int = 5
     max_length: int = 256
+    router_aux_loss_scope: str | None = field(default=None, metadata={
+        "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
-    logging_steps: int = 10
-    save_steps: int = 50
-    eval_steps: int | None = field(default=None, metadata={"help": "evaluate every N steps (default: save_steps)"})
-    resume_from_checkpoint: str | None = field(default=None, metadata={
-        "help": "a checkpoint folder, or 'latest' for the newest one in output_dir"})
     nonfinite_max_consecutive: int = field(default=3, metadata={"help": "rollback after N non-finite steps in a row"})
-    report_to: str = field(default="tensorboard")
-    seed: int = 0
     load_in_4bit: bool = field(default=False, metadata={
         "help": "QLoRA: load the base in bitsandbytes 4-bit NF4, experts included (needs --lora_r)"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = train the full model"})
@@ -56,14 +49,33 @@ class FinetuneArguments:
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_r)"})
 
 
-def tokenized_splits(args: FinetuneArguments, tokenizer):
+@dataclass
+class FinetuneTrainingArguments(TrainingArguments):
+    """`TrainingArguments` (every option: bf16, gradient_checkpointing, push_to_hub, report_to, ...) with the
+    defaults of `hf-moe finetune`. `--resume_from_checkpoint latest` resumes from the newest checkpoint."""
+
+    output_dir: str | None = field(default="runs/finetune", metadata={"help": "checkpoints, logs, final model"})
+    max_steps: int = 100
+    warmup_steps: float = 5
+    lr_scheduler_type: str = "cosine"
+    logging_steps: float = 10
+    save_steps: float = 50
+    eval_strategy: str = "steps"
+    eval_steps: float | None = 50
+    report_to: None | str | list[str] = "tensorboard"
+    optim: str = "adamw_torch_fused"  # 8x faster than the foreach AdamW on CPU for MoE-sized parameter sets
+    seed: int = 0
+    data_seed: int | None = 0
+
+
+def tokenized_splits(args: FinetuneArguments, tokenizer, seed: int = 0):
     """(train, eval) tokenised datasets: the embedded mixture's train/validation, or the user's dataset."""
     if args.dataset is None:
-        mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=args.seed)
+        mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=seed)
         train, evaluation = mixture["train"], mixture["validation"]
     else:
         train = load_instruction_dataset(args.dataset)
-        split = train.train_test_split(test_size=min(0.05, 200 / max(len(train), 1)), seed=args.seed)
+        split = train.train_test_split(test_size=min(0.05, 200 / max(len(train), 1)), seed=seed)
         train, evaluation = split["train"], split["test"]
 
     def tokenize(row):
@@ -73,7 +85,8 @@ def tokenized_splits(args: FinetuneArguments, tokenizer):
     return train.map(tokenize, remove_columns=columns), evaluation.map(tokenize, remove_columns=columns)
 
 
-def build_trainer(args: FinetuneArguments, model=None, tokenizer=None, extra_callbacks=()) -> Trainer:
+def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, model=None, tokenizer=None,
+                  extra_callbacks=()) -> Trainer:
     """A stock Trainer set up for MoE instruction tuning (also used by the tests)."""
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(args.model_path)
     ensure_chat_template(tokenizer)
@@ -81,43 +94,31 @@ def build_trainer(args: FinetuneArguments, model=None, tokenizer=None, extra_cal
         tokenizer.pad_token = tokenizer.eos_token
     model = model or load_for_finetuning(args.model_path, args.load_in_4bit, args.lora_r, args.lora_targets,
                                          args.lora_alpha)
+    if args.router_aux_loss_scope is not None:
+        model.config.router_aux_loss_scope = args.router_aux_loss_scope
+    if args.router_aux_loss_coef is not None:
+        model.config.router_aux_loss_coef = args.router_aux_loss_coef
+    if args.router_aux_loss_scope is not None or args.router_aux_loss_coef is not None:
+        model.config.validate()
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
-    train, evaluation = tokenized_splits(args, tokenizer)
-    is_moe = bool(find_routers(model))
+    train, evaluation = tokenized_splits(args, tokenizer, training_args.seed)
     callbacks = [NonFiniteGuardCallback(args.nonfinite_max_consecutive)]
-    if is_moe:
-        callbacks.insert(0, ExpertStatsCallback())
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_train_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="cosine",
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps or args.save_steps,
-        report_to=[r for r in args.report_to.split(",") if r and r != "none"],
-        seed=args.seed,
-        data_seed=args.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        optim="adamw_torch_fused",  # 8x faster than the foreach AdamW on CPU for MoE-sized parameter sets
-    )
-    return Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                   processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-                   callbacks=[*callbacks, *extra_callbacks])
+    if find_moe_layers(model, warn=True):
+        callbacks[:0] = [ExpertStatsCallback(), OptimizerStepCallback()]
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                      processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+                      callbacks=list(extra_callbacks))
+    return add_moe_callbacks(trainer, *callbacks)
 
 
-def run_finetune(args: FinetuneArguments) -> Path:
-    """Train, then save the final model and tokenizer into `output_dir`; returns it."""
-    trainer = build_trainer(args)
-    resume = args.resume_from_checkpoint
+def run_finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Path:
+    """Train, then save the final model and tokenizer into `training_args.output_dir`; returns it."""
+    trainer = build_trainer(args, training_args)
+    resume = training_args.resume_from_checkpoint
     result = train_with_rollback(trainer, resume_from_checkpoint=True if resume == "latest" else resume)
-    trainer.save_model(args.output_dir)
+    trainer.save_model(training_args.output_dir)
+    write_training_card(trainer, dataset=args.dataset, data=None if args.dataset else (
+        f"the embedded hf_moe task mixture ({args.train_per_family} training examples per family)"))
     logger.info("training done: %s", result.metrics)
-    return Path(args.output_dir)
+    return Path(training_args.output_dir)

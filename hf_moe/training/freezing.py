@@ -2,12 +2,15 @@
 
 from torch import nn
 
-FREEZE_TARGETS = ("router", "experts", "moe")
+from ..moe_layers import MOE_PARTS, model_type, moe_module_names
+
+FREEZE_TARGETS = MOE_PARTS
 
 
 def freeze_moe(model: nn.Module, target: str) -> int:
-    """Set `requires_grad=False` on the routers (`mlp.gate`), the experts (`mlp.experts` and shared experts), or
-    both (`"moe"`); returns the number of frozen parameters (elements). The Trainer's optimizer then leaves them out.
+    """Set `requires_grad=False` on the routers, the experts (routed and shared), or both (`"moe"`) of every sparse
+    block of any MoE model [`find_moe_layers`] recognises; returns the number of frozen parameters (elements). The
+    Trainer's optimizer then leaves them out.
 
     Example:
     ```python
@@ -16,13 +19,13 @@ def freeze_moe(model: nn.Module, target: str) -> int:
     """
     if target not in FREEZE_TARGETS:
         raise ValueError(f"`target`={target!r} is invalid: choose one of {FREEZE_TARGETS}")
-    patterns = {"router": (".mlp.gate.",), "experts": (".mlp.experts.", ".mlp.shared_experts.")}
-    wanted = patterns["router"] + patterns["experts"] if target == "moe" else patterns[target]
     frozen = 0
-    for name, parameter in model.named_parameters():
-        if any(pattern in f".{name}" for pattern in wanted):
-            parameter.requires_grad_(False)
-            frozen += parameter.numel()
+    for name in moe_module_names(model, target):
+        for parameter in model.get_submodule(name).parameters():
+            if parameter.requires_grad:
+                parameter.requires_grad_(False)
+                frozen += parameter.numel()
     if frozen == 0:
-        raise ValueError(f"freeze_moe({target!r}) matched no parameter: is this an hf_moe model?")
+        raise ValueError(f"freeze_moe({target!r}) matched no parameter: {type(model).__name__} "
+                         f"(model_type={model_type(model)!r}) has no recognisable MoE router")
     return frozen

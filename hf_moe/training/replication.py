@@ -11,7 +11,7 @@ from transformers import AutoConfig
 from ..auto import meta_model
 from ..upcycling import open_dense_checkpoint, upcycle
 from .evaluation import EvaluateArguments, run_evaluate
-from .finetune import FinetuneArguments, run_finetune
+from .finetune import FinetuneArguments, FinetuneTrainingArguments, run_finetune
 
 
 @dataclass
@@ -44,11 +44,13 @@ def run_replication(args: ReplicationArguments) -> list[dict]:
     for name, folder in starts.items():
         run_dir = root / f"tuned-{folder.name.removeprefix('start-')}"
         began = time.perf_counter()
-        run_finetune(FinetuneArguments(model_path=str(folder), output_dir=str(run_dir), max_steps=args.max_steps,
-                                       per_device_train_batch_size=args.per_device_train_batch_size,
-                                       learning_rate=args.learning_rate, train_per_family=args.train_per_family,
-                                       eval_per_family=args.eval_per_family, save_steps=args.max_steps,
-                                       logging_steps=max(1, args.max_steps // 8), seed=args.seed))
+        run_finetune(FinetuneArguments(model_path=str(folder), train_per_family=args.train_per_family,
+                                       eval_per_family=args.eval_per_family),
+                     FinetuneTrainingArguments(output_dir=str(run_dir), max_steps=args.max_steps,
+                                               per_device_train_batch_size=args.per_device_train_batch_size,
+                                               learning_rate=args.learning_rate, save_steps=args.max_steps,
+                                               eval_steps=args.max_steps, logging_steps=max(1, args.max_steps // 8),
+                                               seed=args.seed, data_seed=args.seed))
         rows.append(_evaluate_row(name, run_dir, args, train_seconds=time.perf_counter() - began))
     (root / "results.json").write_text(json.dumps(rows, indent=1))
     (root / "results.md").write_text(format_rows(rows))

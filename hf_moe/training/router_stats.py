@@ -6,19 +6,7 @@ import torch
 from torch import nn
 
 from ..modeling.modeling_hf_moe import load_balancing_loss, router_z_loss
-
-ROUTER_CLASS_NAME = "MoeTopKRouter"  # matched by name: remote-code loads have their own copy of the class
-
-
-def find_routers(model: nn.Module) -> dict[int, nn.Module]:
-    """{decoder layer index: router} for every sparse layer of an hf_moe model (also inside peft wrappers)."""
-    routers = {}
-    for name, module in model.named_modules():
-        if type(module).__name__ == ROUTER_CLASS_NAME:
-            parts = name.split(".")
-            layer = int(parts[parts.index("layers") + 1]) if "layers" in parts else len(routers)
-            routers[layer] = module
-    return routers
+from ..moe_layers import find_moe_layers
 
 
 class RouterStatsRecorder:
@@ -31,19 +19,22 @@ class RouterStatsRecorder:
     """
 
     def __init__(self, model: nn.Module, only_training: bool = True):
-        self.routers = find_routers(model)
+        self.layers = find_moe_layers(model, warn=True)
+        self.routers = {layer.index: layer.router for layer in self.layers}
+        self.num_experts = {layer.index: layer.num_experts for layer in self.layers}
         self.only_training = only_training
         self.num_subtokens = getattr(getattr(model, "config", None), "num_subtokens", 1)
-        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+        self.handles = [layer.router.register_forward_hook(self._hook(layer.index, layer.top_k))
+                        for layer in self.layers]
         # The model's own loss terms (lm_loss, aux_loss, z_loss of MoeCausalLMOutput), as the Trainer computed them.
         self.handles.append(model.register_forward_hook(self._record_loss_terms))
         self.reset()
-        self.cumulative_load = {layer: torch.zeros(router.num_experts) for layer, router in self.routers.items()}
+        self.cumulative_load = {layer: torch.zeros(count) for layer, count in self.num_experts.items()}
 
     def reset(self) -> None:
         self.loss_terms = defaultdict(list)
         self.totals = defaultdict(lambda: defaultdict(float))
-        self.loads = {layer: torch.zeros(router.num_experts) for layer, router in self.routers.items()}
+        self.loads = {layer: torch.zeros(count) for layer, count in self.num_experts.items()}
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -58,19 +49,24 @@ class RouterStatsRecorder:
             if isinstance(value, torch.Tensor):
                 self.loss_terms[key].append(value.detach().float().item())
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: int, top_k: int):
         def record(module, inputs, outputs):
             if self.only_training and not module.training:
                 return
             with torch.no_grad():
-                self._record(layer, module, *outputs)
+                if isinstance(outputs, tuple) and len(outputs) >= 3:  # (logits, top-k weights, top-k index)
+                    self._record(layer, *outputs[:3])
+                else:  # a router returning only its logits: assignments are the top-k of the logits
+                    logits = outputs[0] if isinstance(outputs, tuple) else outputs
+                    weights, index = logits.float().softmax(-1).topk(top_k, dim=-1)
+                    self._record(layer, logits, weights, index)
 
         return record
 
-    def _record(self, layer: int, router, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
+    def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
         totals = self.totals[layer]
         rows, top_k = index.shape
-        load = torch.bincount(index.reshape(-1), minlength=router.num_experts).float().cpu()
+        load = torch.bincount(index.reshape(-1), minlength=self.num_experts[layer]).float().cpu()
         self.loads[layer] += load
         self.cumulative_load[layer] += load
         probs = logits.float().softmax(-1)

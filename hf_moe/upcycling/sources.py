@@ -10,6 +10,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
+from ..errors import HubUnreachableError
+
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -34,6 +36,17 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def stream_tensors(weight_files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, tensor)` one at a time, memory-mapped, one safetensors file open at a time."""
+    by_file: dict[Path, list[str]] = {}
+    for name, path in weight_files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names:
+                yield name, handle.get_tensor(name)
+
+
 @dataclass
 class DenseCheckpoint:
     """A dense checkpoint opened for streaming: its config, its tensor names in storage order, and where each lives.
@@ -48,6 +61,7 @@ class DenseCheckpoint:
     weight_files: dict[str, Path] = field(default_factory=dict)  # tensor name -> safetensors file
     gguf_file: Path | None = None
     in_memory: dict[str, torch.Tensor] | None = None
+    loaded_model: torch.nn.Module | None = None  # GGUF: the model dequantised when opening, reused (float32)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -57,18 +71,14 @@ class DenseCheckpoint:
         if self.in_memory is not None:
             yield from self.in_memory.items()
             return
-        by_file: dict[Path, list[str]] = {}
-        for name, path in self.weight_files.items():
-            by_file.setdefault(path, []).append(name)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name in names:
-                    yield name, handle.get_tensor(name)
+        yield from stream_tensors(self.weight_files)
 
     def load_dense_model(self, dtype: torch.dtype = torch.float32):
         """The dense model through transformers (for verification and calibration)."""
         from transformers import AutoModelForCausalLM
 
+        if self.loaded_model is not None:  # dequantising a GGUF again would cost as much as opening it
+            return self.loaded_model.to(dtype).eval()
         if self.gguf_file is not None:
             return AutoModelForCausalLM.from_pretrained(self.gguf_file.parent, gguf_file=self.gguf_file.name,
                                                         dtype=dtype).eval()
@@ -110,7 +120,8 @@ def check_supported(config: PreTrainedConfig, source: str) -> None:
         raise UnsupportedCheckpointError(f"{source}: activation '{config.hidden_act}' is not a SwiGLU/GeGLU MLP")
 
 
-def _read_weight_map(folder: Path) -> dict[str, Path]:
+def read_weight_map(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model folder (sharded or not); unreadable files raise."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -148,7 +159,8 @@ def _open_gguf(path: Path, name: str) -> DenseCheckpoint:
     state = {key: value.detach() for key, value in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    return DenseCheckpoint(config=model.config, name=name, folder=path.parent, gguf_file=path, in_memory=state)
+    return DenseCheckpoint(config=model.config, name=name, folder=path.parent, gguf_file=path, in_memory=state,
+                           loaded_model=model.eval())
 
 
 def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> DenseCheckpoint:
@@ -170,8 +182,13 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
         if source.count("/") != 1 or source.startswith((".", "/")):
             raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub id (owner/name)")
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-        path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES]))
+        try:
+            path = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "README.md",
+                                                                  *TOKENIZER_FILES]))
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # no network / HF_HUB_OFFLINE, not cached
+            raise HubUnreachableError(source) from error
     if not (path / "config.json").is_file():
         raise UnsupportedCheckpointError(f"{source}: no config.json")
     try:
@@ -181,4 +198,4 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
     _check_model_type(raw.get("model_type"), str(source))  # before AutoConfig, which fails on unknown types
     config = AutoConfig.from_pretrained(path)
     check_supported(config, str(source))
-    return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=_read_weight_map(path))
+    return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=read_weight_map(path))

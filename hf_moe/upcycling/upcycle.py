@@ -1,5 +1,6 @@
 """`upcycle()`: stream a dense Llama-family checkpoint into an hf_moe / hf_switch / hf_mh_moe model folder."""
 
+import copy
 import json
 import logging
 import re
@@ -14,6 +15,8 @@ from transformers import GenerationConfig
 
 from ..atomic import atomic_output_dir
 from ..auto import meta_model
+from ..errors import OutputExistsError
+from ..hub.upcycled import source_lineage, write_upcycled_card
 from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
 from ..modeling.modeling_hf_moe import auto_map_for
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
@@ -26,12 +29,12 @@ from .experts import (
     split_output_scale,
     virtual_group_router,
 )
-from .model_card import write_model_card
 from .routers import ROUTER_INITS, calibration_routers, random_router, zeros_router
 from .sources import TOKENIZER_FILES, DenseCheckpoint, UnsupportedCheckpointError, open_dense_checkpoint
 from .writer import ShardedSafetensorsWriter, parse_size
 
 logger = logging.getLogger(__name__)
+OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MLP_WEIGHT = re.compile(r"model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
@@ -58,11 +61,19 @@ class UpcycleArguments:
         "help": "training capacity factor of the upcycled model; empty = dropless (default: a dropped token loses "
                 "an MLP the dense model relied on); 1.25 = Switch-style"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside the source folder"})
-    dtype: str | None = field(default=None, metadata={"help": "output dtype (default: the source's)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto | bfloat16 | float16 | float32; auto = the dtype the source declares (GGUF: bfloat16, as "
+                "GGUF files do not record the original dtype), else the stored one"})
     max_shard_size: str = field(default="2GB", metadata={"help": "largest output shard"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
     seed: int = field(default=0)
     verify: bool = field(default=False, metadata={"help": "compare dense and upcycled logits and generations"})
+    experts: list[str] | None = field(default=None, metadata={
+        "help": "mix: expert i's MLP from source i (folders, .gguf files, Hub ids; may repeat); SOURCE is the base"})
+    merge_others: str = field(default="base", metadata={
+        "help": "mix: attention, embeddings, norms, dense MLPs from the base | average of the expert sources (BTX)"})
+    heldout_prompts: str | None = field(default=None, metadata={
+        "help": "mix: JSON file, one list of held-out prompts per expert, for the routing accuracy"})
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -78,11 +89,13 @@ class UpcycleArguments:
                              "from sub-space blocks of the dense MLP)")
         if self.top_k is None:
             self.top_k = 1 if self.arch == "hf_switch" else 2
+        if self.dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"`dtype`={self.dtype!r} is invalid: choose one of {OUTPUT_DTYPES}")
 
     @property
     def breaks_equivalence(self) -> bool:
         """Whether the chosen init changes the dense model's function on purpose."""
-        return (self.arch == "hf_mh_moe" or self.expert_init == "drop_upcycle" or self.noise_std > 0
+        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.expert_init == "drop_upcycle" or self.noise_std > 0
                 or (self.expert_init == "split" and self.top_k % self.granularity != 0))
 
 
@@ -167,14 +180,27 @@ def _save_config_and_code(config, staging: Path) -> None:
         shutil.copy2(module.__file__, staging / Path(module.__file__).name)
 
 
-def prepare(args: UpcycleArguments) -> tuple[DenseCheckpoint, configuration_hf_moe.MoeConfig, Path]:
-    """Open the source and build the target config and output path; fails before anything is written."""
-    dense = open_dense_checkpoint(args.source, args.gguf_file)
+def output_dtype(args: UpcycleArguments, dense: DenseCheckpoint) -> str:
+    """The weights dtype of the output: `args.dtype`, or for "auto" the source's declared dtype (GGUF: bfloat16);
+    "auto" again when the source declares none (the stored dtypes are kept)."""
+    if args.dtype != "auto":
+        return args.dtype
+    if dense.gguf_file is not None:
+        return "bfloat16"
+    declared = getattr(dense.config, "dtype", None)
+    return str(declared).removeprefix("torch.") if declared is not None else "auto"
+
+
+def prepare(args: UpcycleArguments, dense: DenseCheckpoint | None = None
+            ) -> tuple[DenseCheckpoint, configuration_hf_moe.MoeConfig, Path]:
+    """Open the source (unless already opened) and build the target config and output path; fails before anything
+    is written."""
+    dense = dense or open_dense_checkpoint(args.source, args.gguf_file)
     sparse_layers = parse_moe_layers(args.moe_layers, dense.config.num_hidden_layers)
     intermediate = dense.config.intermediate_size
     moe_intermediate = intermediate // args.granularity if args.expert_init == "split" else intermediate
     config = upcycled_config(dense.config, args.arch, args.num_experts, args.top_k, sparse_layers,
-                             moe_intermediate, args.num_moe_heads, base_model=dense.name,
+                             moe_intermediate, args.num_moe_heads, base_model=source_lineage(dense).base_model,
                              capacity_factor=args.capacity_factor)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, dense)
     return dense, config, output_dir
@@ -200,7 +226,7 @@ def upcycled_tensors(dense_tensors: Iterable[tuple[str, torch.Tensor]], config, 
     until all three arrived, then replaced by its router and experts.
     """
     generator = torch.Generator().manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     sparse = set(config.sparse_layer_indices)
     pending: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in dense_tensors:
@@ -228,11 +254,17 @@ def check_complete(names: set[str], config, source_name: str, model=None) -> Non
         )
 
 
-def run_upcycle(args: UpcycleArguments) -> Path:
-    """Upcycle as described by `args`; see [`upcycle`]."""
-    dense, config, output_dir = prepare(args)
+def run_upcycle(args: UpcycleArguments, dense: DenseCheckpoint | None = None) -> Path:
+    """Upcycle as described by `args`; see [`upcycle`]. `dense`: the source, if already opened (it is read once)."""
+    if args.experts:
+        from .mixing import run_mix
+
+        return run_mix(args, dense)
+    dense, config, output_dir = prepare(args, dense)
+    args = copy.copy(args)  # the resolved dtype, without re-validating the user's choice
+    args.dtype = output_dtype(args, dense)
     if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     if args.breaks_equivalence:
         logger.warning("%s: this initialisation changes the dense model's function on purpose", output_dir)
     calibrated = _calibrated_routers(args, dense, config)
@@ -249,7 +281,6 @@ def run_upcycle(args: UpcycleArguments) -> Path:
         config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
         _save_config_and_code(config, staging)
         _copy_tokenizer_and_generation_config(dense, staging)
-        write_model_card(staging, output_dir.name, config, sum(p.numel() for p in target.parameters()),
-                         args.expert_init, args.router_init, args.breaks_equivalence)
+        write_upcycled_card(staging, output_dir.name, target, args, dense, config.dtype)
     logger.info("upcycled %s into %s", dense.name, output_dir)
     return output_dir

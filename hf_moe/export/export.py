@@ -1,0 +1,150 @@
+"""`export()`: stream an hf_moe model folder into a native Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or refuse."""
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import AutoConfig, GenerationConfig
+
+from ..atomic import atomic_output_dir
+from ..auto import meta_model
+from ..upcycling.sources import TOKENIZER_FILES, read_weight_map, stream_tensors
+from ..upcycling.upcycle import check_complete
+from ..upcycling.writer import ShardedSafetensorsWriter, parse_size
+from .base import ExportRefusedError, ExportTarget, common_blockers, dropped_training_settings
+from .card import write_export_card
+from .mixtral import MixtralTarget
+from .qwen2_moe import Qwen2MoeTarget
+from .qwen3_moe import Qwen3MoeTarget
+
+logger = logging.getLogger(__name__)
+
+# In `auto`'s order of preference: Mixtral is the most widely served; Qwen3-MoE needs q/k norm and Qwen2-MoE
+# forbids it, so at most one Qwen type ever fits.
+TARGETS: dict[str, ExportTarget] = {target.name: target for target in (MixtralTarget(), Qwen3MoeTarget(),
+                                                                       Qwen2MoeTarget())}
+HF_MOE_TYPES = ("hf_moe", "hf_switch", "hf_mh_moe")
+HUB_CACHE_PATH = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+
+
+@dataclass
+class ExportArguments:
+    source: str = field(metadata={"help": "hf_moe model folder (or its Hub id)"})
+    output_dir: str | None = field(default=None, metadata={"help": "default: <source>-<target>"})
+    to: str = field(default="auto", metadata={"help": "auto | mixtral | qwen2_moe | qwen3_moe (auto: the first "
+                                                      "exact one of mixtral, qwen3_moe, qwen2_moe)"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the hf_moe model, for the card's base_model (default: the source when it is a Hub id)"})
+    max_shard_size: str = field(default="2GB", metadata={"help": "largest output shard"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    verify: bool = field(default=False, metadata={
+        "help": "compare the hf_moe folder with the export loaded by stock transformers in a process without "
+                "hf_moe: max |Δlogit| and greedy answers on sample prompts"})
+
+    def __post_init__(self):
+        if self.to != "auto" and self.to not in TARGETS:
+            raise ValueError(f"`to`={self.to!r} is invalid: choose 'auto' or one of {tuple(TARGETS)}")
+
+
+def export(source: str, output_dir: str | None = None, to: str = "auto", **options) -> Path:
+    """Write the hf_moe model at `source` as an exactly equivalent native checkpoint (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+    `to="auto"` picks the first exact target; a model no target reproduces exactly raises `ExportRefusedError`
+    naming each blocking feature (and the option that would make it exportable, if any) before anything is written.
+    Tensors are streamed into sharded safetensors in the per-expert layout of the Hub's Mixtral / Qwen-MoE
+    checkpoints, in a temporary folder renamed to `output_dir` when complete. Returns the output folder.
+
+    Example:
+    ```python
+    >>> import hf_moe
+    >>> folder = hf_moe.export("out/SmolLM2-135M-Instruct-hf_moe-8x2", "out/smol-mixtral", to="mixtral")
+    >>> model = AutoModelForCausalLM.from_pretrained(folder)  # stock transformers, no hf_moe needed
+    ```
+    """
+    return run_export(ExportArguments(source=source, output_dir=output_dir, to=to, **options))
+
+
+def choose_target(config, to: str = "auto", source: str = "the model") -> ExportTarget:
+    """The target `to` (or the first exact one for "auto"); raise `ExportRefusedError` listing every blocker."""
+    if to != "auto":
+        if blockers := TARGETS[to].supports(config):
+            reasons = "\n".join(f"  - {blocker}" for blocker in blockers)
+            raise ExportRefusedError(f"cannot export {source} to {to} exactly:\n{reasons}\nNothing was written.")
+        return TARGETS[to]
+    common = common_blockers(config)
+    sections = [("every target", common)] if common else []
+    for name, target in TARGETS.items():
+        specific = target.blockers(config)
+        if not common and not specific:
+            return target
+        if specific:
+            sections.append((name, specific))
+    lines = [f"  {name}:\n" + "\n".join(f"    - {blocker}" for blocker in blockers) for name, blockers in sections]
+    raise ExportRefusedError(f"no native architecture reproduces {source} exactly:\n" + "\n".join(lines)
+                             + "\nNothing was written.")
+
+
+def _resolve_source(source: str) -> tuple[Path, str | None]:
+    """The local folder of `source` and the model's Hub id when known (never a local path)."""
+    path = Path(source)
+    if path.exists():
+        match = HUB_CACHE_PATH.search(str(path.resolve()))
+        return path, f"{match['owner']}/{match['name']}" if match else None
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.md", *TOKENIZER_FILES])), source
+
+
+def _load_hf_moe_config(folder: Path, source: str):
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no config.json")
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in HF_MOE_TYPES:
+        raise ValueError(f"{source} is a '{config.model_type}' model, not an hf_moe model "
+                         f"(model_type one of {HF_MOE_TYPES})")
+    return config
+
+
+def _copy_tokenizer_and_generation_config(source: Path, staging: Path, target_config) -> None:
+    for file_name in TOKENIZER_FILES:
+        if (source / file_name).is_file():
+            shutil.copy2(source / file_name, staging / file_name)
+    if not (staging / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(target_config).save_pretrained(staging)
+
+
+def run_export(args: ExportArguments) -> Path:
+    """Export as described by `args`; see [`export`]."""
+    folder, hub_id = _resolve_source(args.source)
+    config = _load_hf_moe_config(folder, args.source)
+    target = choose_target(config, args.to, args.source)
+    output_dir = Path(args.output_dir) if args.output_dir else Path(f"{str(args.source).rstrip('/')}-{target.name}")
+    if output_dir.exists() and not args.overwrite:
+        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+    weight_files = read_weight_map(folder)
+    check_complete(set(weight_files), config, args.source)
+    target_config = target.target_config(config)
+    if dropped := dropped_training_settings(config):
+        logger.warning("%s: training-only settings with no %s field are not carried over: %s", args.source,
+                       target.name, "; ".join(dropped))
+
+    with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
+        writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
+        progress = tqdm(stream_tensors(weight_files), total=len(weight_files), desc=f"exporting -> {target.name}",
+                        unit="tensor")
+        for name, tensor in progress:
+            for target_name, target_tensor in target.map_tensor(name, tensor, config):
+                writer.add(target_name, target_tensor)
+        writer.finish()
+        target_config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+        target_config.save_pretrained(staging)
+        _copy_tokenizer_and_generation_config(folder, staging, target_config)
+        write_export_card(staging, output_dir.name, config, target, meta_model(config),
+                          base_model=args.base_model or hub_id, source_folder=folder, dropped=dropped)
+    logger.info("exported %s to %s (%s)", args.source, output_dir, target.name)
+    return output_dir

@@ -1,0 +1,47 @@
+"""The card of an upcycled folder: lineage and license from the dense source, the upcycling options."""
+
+from pathlib import Path
+
+from .card import command_line, render_card, write_card
+from .lineage import Lineage, gguf_license, hub_id, lineage_of
+
+
+def source_lineage(dense) -> Lineage:
+    """Lineage of a `DenseCheckpoint`: its Hub id (given, embedded, or a Hub-cache folder) and its license (card
+    metadata, else config, else GGUF `general.license`)."""
+    if dense.gguf_file is not None:
+        lineage = Lineage(parent=dense.gguf_file.name)
+    else:
+        lineage = lineage_of(dense.folder)
+    source_id = hub_id(dense.name) or hub_id(dense.folder)
+    if source_id:
+        lineage.base_model = lineage.parent = source_id
+    lineage.license = (lineage.license or getattr(dense.config, "license", None)
+                       or (gguf_license(dense.gguf_file) if dense.gguf_file is not None else None))
+    return lineage
+
+
+def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype: str) -> Path:
+    """Render and write the README.md of an upcycled folder (`args`: the `UpcycleArguments`)."""
+    init = args.expert_init
+    if getattr(args, "experts", None):
+        init = f"expert i's MLP from source i ({', '.join(f'`{source}`' for source in args.experts)}); " \
+               f"attention, embeddings and norms: {args.merge_others}"
+    elif init == "copy" and args.noise_std:
+        init += f" (noise std {args.noise_std} relative)"
+    elif init == "drop_upcycle":
+        init += f" (drop ratio {args.drop_ratio})"
+    elif init == "split":
+        init += f" (granularity {args.granularity})"
+    if args.breaks_equivalence:
+        equivalence = "This initialisation changes the dense model's function on purpose."
+    else:
+        equivalence = ("At initialisation the model computes the same function as the dense model (copied experts, "
+                       "renormalised top-k, dropless); `hf-moe upcycle --verify` checks it in float32.")
+    lineage = source_lineage(dense)
+    rows = [("dense source", f"`{lineage.parent}` ({dense.config.model_type})"),
+            ("expert init", init), ("router init", args.router_init), ("weights dtype", dtype),
+            ("seed", str(args.seed))]
+    card = render_card("upcycled", model.config, model=model, model_name=model_name, lineage=lineage,
+                       upcycling={"rows": rows, "equivalence": equivalence}, command=command_line())
+    return write_card(folder, card)

@@ -1,0 +1,211 @@
+"""Behaving like a transformers built-in: tuple outputs, the cache argument, no deprecation messages, padding-free
+expert capacity, static cache and torch.compile (defects found by transformers' common model tests, issue 7)."""
+
+import logging
+import os
+import warnings
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationMixin
+from transformers.utils import logging as hf_logging
+
+from hf_moe.modeling import MODEL_CLASSES
+from hf_moe.modeling.modeling_hf_moe import _CACHE_NAME
+
+from .conftest import MODEL_TYPES, tiny_config
+
+
+def _ids(batch=2, length=7, seed=0):
+    return torch.randint(3, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification])
+def test_return_dict_false_gives_the_tuple_of_the_output_fields_on_every_head(model_type, auto_class):
+    model = auto_class.from_config(tiny_config(model_type)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        as_dict = model(ids)
+        as_tuple = model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert len(as_tuple) == len(as_dict.to_tuple())
+    torch.testing.assert_close(as_tuple[0], as_dict[0])
+    if auto_class is not AutoModelForSequenceClassification:  # transformers' generic head itself needs return_dict
+        model.config.return_dict = False  # a config default of False must not break the causal-LM head either
+        with torch.no_grad():
+            from_config = model(ids)
+        assert isinstance(from_config, tuple)
+        torch.testing.assert_close(from_config[0], as_dict[0])
+
+
+def test_generation_mixin_is_listed_on_each_causal_lm_class():
+    for classes in MODEL_CLASSES.values():
+        causal_lm = classes["AutoModelForCausalLM"]
+        assert GenerationMixin in causal_lm.__bases__, causal_lm.__name__
+        assert causal_lm.can_generate()
+
+
+def test_the_cache_argument_is_accepted_under_both_names(model_type):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, eval_capacity_factor=None)).eval()
+    ids = _ids(length=9)
+    with torch.no_grad():
+        full = model(ids).logits[:, -3:]
+        prefix = model(ids[:, :6], use_cache=True)
+        cache = getattr(prefix, _CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == 6
+        continued = model(ids[:, 6:], cache=cache).logits  # transformers >= 5.24's name
+        cache.crop(-3)  # back to the 6 prefix tokens
+        continued_old_name = model(ids[:, 6:], past_key_values=cache).logits  # 5.23's name
+    torch.testing.assert_close(continued, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(continued_old_name, full, atol=1e-5, rtol=1e-4)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _deprecation_messages(run) -> list[str]:
+    """Python warnings and transformers log lines mentioning a deprecation, raised while `run()` executes."""
+    logging.Logger.warning_once.cache_clear()  # transformers logs some messages once per process
+    handler = _Records()
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+    finally:
+        logger.removeHandler(handler)
+    found = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    return found + [message for message in handler.messages if "deprecat" in message.lower()]
+
+
+def test_the_deprecation_capture_sees_the_old_cache_name():
+    """Sanity check of the capture below: on transformers >= 5.24 the old output field name logs a deprecation."""
+    if _CACHE_NAME != "cache":
+        pytest.skip("transformers < 5.24 has no `cache` rename")
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe")).eval()
+    with torch.no_grad():
+        output = model(_ids(), use_cache=True)
+    assert _deprecation_messages(lambda: output.past_key_values)
+
+
+def test_forward_and_generate_emit_no_deprecation_message(model_type):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type)).eval()
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+
+    def run():
+        with torch.no_grad():
+            model(ids, attention_mask=mask, use_cache=True)
+            model(ids, labels=ids)
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+            model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                           cache_implementation="static")
+
+    assert _deprecation_messages(run) == []
+
+
+# ------------------------------------------------------------------------------------------------ Switch capacity
+def _binding_switch(**overrides):
+    """A Switch model whose capacity binds (factor 0.5 in training and evaluation), without jitter noise."""
+    config = tiny_config("hf_switch", capacity_factor=0.5, eval_capacity_factor=0.5, router_jitter_noise=0.0,
+                         sparse_layers=[0, 1, 2], **overrides)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _left_pad(sequences, length, pad_id=0):
+    ids = torch.full((len(sequences), length), pad_id)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, length - len(sequence):] = sequence
+        mask[row, length - len(sequence):] = 1
+    return ids, mask
+
+
+def _packed(sequences):
+    """One row with the sequences back to back and restarting position ids: the same real tokens, no padding."""
+    ids = torch.cat(sequences).unsqueeze(0)
+    position_ids = torch.cat([torch.arange(len(sequence)) for sequence in sequences]).unsqueeze(0)
+    return ids, position_ids
+
+
+def _real_logits(logits, sequences):
+    return torch.cat([logits[row, -len(sequence):] for row, sequence in enumerate(sequences)])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train_capacity", "eval_capacity"])
+def test_switch_padding_never_occupies_capacity(training):
+    model = _binding_switch().train(training)
+    sequences = [_ids(1, 9, seed=1)[0], _ids(1, 5, seed=2)[0], _ids(1, 12, seed=3)[0]]
+    capacity_drops = []
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(
+        lambda module, args, output: capacity_drops.append(int((output[1] == 0).sum())))
+    with torch.no_grad():
+        packed_ids, packed_positions = _packed(sequences)
+        # transformers reads packed sequences from restarting position ids only when no cache is in play.
+        unpadded = model(packed_ids, position_ids=packed_positions, use_cache=False).logits[0]
+        padded_ids, padded_mask = _left_pad(sequences, 12)
+        padded = model(padded_ids, attention_mask=padded_mask).logits
+        extra_ids, extra_mask = _left_pad(sequences, 12 + 16)
+        extra_padded = model(extra_ids, attention_mask=extra_mask).logits
+        # The same padding as a 4-D boolean mask (query may attend key: causal and key not padding).
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        mask_4d = (causal[None] & padded_mask.bool()[:, None, :])[:, None]
+        with_4d_mask = model(padded_ids, attention_mask=mask_4d).logits
+    handle.remove()
+    assert capacity_drops[0] > 0  # the capacity binds, so padding competing for it would change the outputs
+    # Padding rows get weight 0 too; the real tokens drop exactly as many assignments in every layout.
+    assert capacity_drops[1] - (padded_mask == 0).sum() == capacity_drops[0]
+    torch.testing.assert_close(_real_logits(padded, sequences), unpadded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_real_logits(extra_padded, sequences), unpadded, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(_real_logits(with_4d_mask, sequences), unpadded, atol=1e-5, rtol=1e-4)
+
+
+def test_switch_left_padded_generation_does_not_depend_on_the_amount_of_padding():
+    model = _binding_switch().eval()
+    sequences = [_ids(1, 4, seed=4)[0], _ids(1, 8, seed=5)[0]]
+    generated, scores = [], []
+    for length in (8, 8 + 16):
+        ids, mask = _left_pad(sequences, length)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+        generated.append(out.sequences[:, length:])
+        scores.append(torch.stack(out.logits))
+    torch.testing.assert_close(generated[0], generated[1])
+    torch.testing.assert_close(scores[0], scores[1], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ static cache, compile
+# Inductor needs about a minute of CPU per model on the 2-core CI machine, so the suite traces with dynamo's full
+# graph capture plus AOT autograd ("aot_eager": any graph break or data-dependent shape still fails) and
+# `HF_MOE_TEST_COMPILE_BACKEND=inductor` runs the same tests through inductor; `hf-moe benchmark-decode` always does.
+COMPILE_BACKEND = os.environ.get("HF_MOE_TEST_COMPILE_BACKEND", "aot_eager")
+
+
+@pytest.mark.parametrize("compiled_type", MODEL_TYPES)
+def test_compiled_static_cache_greedy_generation_equals_eager(compiled_type):
+    """`generate` with a static cache and its decoding step compiled with fullgraph=True (no graph break allowed)
+    gives the eager dynamic-cache tokens; the Switch model keeps its default capacity, with left padding."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_config(tiny_config(compiled_type, num_hidden_layers=2)).eval()
+    assert model._can_compile_fullgraph
+    ids = _ids(2, 6)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    settings = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode="default", backend=COMPILE_BACKEND)
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told to
+    with torch.no_grad():
+        eager = model.generate(ids, **settings)
+        compiled = model.generate(ids, **settings, cache_implementation="static", compile_config=compile_config)
+    assert hasattr(model, "_compiled_call")  # the decoding steps really ran compiled
+    torch.testing.assert_close(compiled, eager)

@@ -1,0 +1,144 @@
+"""`hf-moe` as people and scripts use it: one-line errors with status 2, readable reports, `--json`, `--version`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_moe.cli import main as cli_main
+from hf_moe.cli_output import render, table
+from hf_moe.errors import UserError
+
+from .conftest import byte_tokenizer
+
+HF_MOE = str(Path(sys.executable).with_name("hf-moe"))
+
+
+@pytest.fixture(scope="module")
+def dense_with_tokenizer(tmp_path_factory):
+    """A tiny random Llama with a byte tokenizer and chat template: enough for `upcycle --verify` on real text."""
+    folder = tmp_path_factory.mktemp("dense")
+    config = AutoConfig.for_model("llama", vocab_size=272, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def console_runs(dense_with_tokenizer, tmp_path_factory):
+    """Each error case as a user meets it: the console script in a fresh process, all started at once."""
+    scratch = tmp_path_factory.mktemp("cli")
+    (scratch / "existing").mkdir()
+    unsupported = scratch / "gpt2"
+    AutoConfig.for_model("gpt2", n_layer=1, n_embd=16, n_head=2).save_pretrained(unsupported)
+    source = str(dense_with_tokenizer)
+    cases = {
+        "invalid_value": ["upcycle", source, str(scratch / "a"), "--num-experts", "3", "--top-k", "4"],
+        "missing_source": ["upcycle", str(scratch / "no-such-model"), str(scratch / "b")],
+        "unsupported": ["upcycle", str(unsupported), str(scratch / "c")],
+        "existing_output": ["upcycle", source, str(scratch / "existing")],
+        "hub_offline": ["upcycle", "hf-moe-tests/not-cached-anywhere", str(scratch / "d")],
+    }
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MOE_DEBUG": ""}
+    processes = {name: subprocess.Popen([HF_MOE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=environment) for name, argv in cases.items()}
+    outputs = {name: process.communicate(timeout=900) for name, process in processes.items()}
+    return {name: (processes[name].returncode, *outputs[name]) for name in cases}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("invalid_value", "`num_experts_per_tok`=4 is invalid: choose 1..3 (`num_experts`=3)."),
+    ("missing_source", "is neither an existing folder nor a Hub id (owner/name)"),
+    ("unsupported", "architecture 'gpt2' is not supported for upcycling; supported dense Llama-family architectures"),
+    ("existing_output", "already exists; choose another output folder or pass --overwrite to replace it"),
+    ("hub_offline", "'hf-moe-tests/not-cached-anywhere' is not a local folder nor in the local Hub cache, and the "
+                    "Hugging Face Hub cannot be reached (HF_HUB_OFFLINE=1 is set): pass a local model folder"),
+])
+def test_user_errors_are_one_line_with_status_2(console_runs, case, message):
+    status, _, stderr = console_runs[case]
+    assert status == 2
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1 and error_lines[0].startswith("hf-moe upcycle: error: ")
+    assert message in error_lines[0]
+
+
+def test_debug_shows_the_traceback_and_keeps_the_line(dense_with_tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_MOE_DEBUG", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["upcycle", str(dense_with_tokenizer), str(tmp_path / "x"), "--num-experts", "3", "--top-k", "4"])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" in stderr and "configuration_hf_moe.py" in stderr
+    assert stderr.rstrip().splitlines()[-1].startswith("hf-moe upcycle: error: `num_experts_per_tok`=4")
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    from hf_moe import cli
+
+    def buggy(args):
+        raise KeyError("a bug")
+
+    commands = cli._commands()
+    monkeypatch.setattr(cli, "_commands", lambda: {**commands, "buggy": (commands["benchmark-stats"][0], buggy, "")})
+    with pytest.raises(KeyError, match="a bug"):
+        cli_main(["buggy"])
+
+
+def test_version(capsys):
+    import hf_moe
+
+    cli_main(["--version"])
+    assert capsys.readouterr().out.startswith(f"hf-moe {hf_moe.__version__} (transformers ")
+
+
+def test_upcycle_verify_prints_a_table_and_json_parses(dense_with_tokenizer, tmp_path, capsys):
+    source, output = str(dense_with_tokenizer), str(tmp_path / "moe")
+    cli_main(["upcycle", source, output, "--num-experts", "4", "--verify"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"upcycled model written to {output}"
+    assert lines[2] == "verification: 5/5 greedy generations identical, max |Δlogit| " + lines[2].rsplit(" ", 1)[1]
+    assert lines[3].split() == ["prompt", "dense", "answer", "upcycled", "answer", "max", "|Δlogit|", "identical?"]
+    assert set(lines[4]) == {"-", " "}
+    rows = lines[5:]
+    assert len(rows) == 5 and all(row.endswith("yes") for row in rows)
+    assert rows[0].startswith("What is the capital of France?")
+
+    cli_main(["upcycle", source, output, "--num-experts", "4", "--verify", "--overwrite", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["output_dir"] == output
+    assert report["inputs"] == 5 and report["identical_generations"] == 5
+    assert report["max_abs_logit_difference"] < 1e-4
+    assert set(report["samples"][0]) == {"prompt", "dense", "upcycled", "max_abs_logit_difference", "identical"}
+
+
+def test_a_user_error_with_a_report_prints_the_report_then_the_line(monkeypatch, capsys):
+    from hf_moe import cli
+
+    def failing_check(args):
+        raise UserError("1 of 2 checks failed", report=[{"check": "config", "ok": True},
+                                                        {"check": "weights", "ok": False}])
+
+    commands = cli._commands()
+    arguments_class = commands["benchmark-stats"][0]
+    monkeypatch.setattr(cli, "_commands", lambda: {**commands, "check": (arguments_class, failing_check, "")})
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["check", "--json"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert json.loads(captured.out)[1] == {"check": "weights", "ok": False}
+    assert captured.err.strip() == "hf-moe check: error: 1 of 2 checks failed"
+
+
+def test_generic_report_layouts():
+    assert table([{"name": "a", "n": 3}, {"name": "bb", "n": 12}]).splitlines() == [
+        "name   n", "----  --", "a      3", "bb    12"]
+    assert render({"ratio": 1.23456, "ok": True, "inner": {"seconds": 2.0}}).splitlines() == [
+        "ratio  1.235", "ok     yes", "inner:", "  seconds  2"]
+    assert json.loads(render({"ratio": 1.23456}, as_json=True)) == {"ratio": 1.23456}
