@@ -124,6 +124,12 @@ def _benchmark_upcycle(args) -> dict:
     return benchmark_upcycling(args)
 
 
+def _benchmark_quantization(args) -> dict:
+    from .quantization.benchmark import benchmark_quantization
+
+    return benchmark_quantization(args)
+
+
 def _benchmark_export(args) -> dict:
     from .export.benchmark import benchmark_export
 
@@ -176,6 +182,7 @@ def _commands() -> dict:
     from .export.benchmark import ExportBenchmarkArguments
     from .hub.check import CheckArguments
     from .hub.publish import PublishArguments
+    from .quantization.benchmark import QuantizationBenchmarkArguments
     from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -203,6 +210,9 @@ def _commands() -> dict:
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
         "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
                              "time and peak memory: streaming export vs load + save_pretrained"),
+        "benchmark-quantization": (QuantizationBenchmarkArguments, _benchmark_quantization,
+                                   "4-bit (experts included) vs bf16: weight memory, max |Δlogit|, greedy agreement, "
+                                   "forward time"),
     }
 
 
