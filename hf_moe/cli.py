@@ -15,6 +15,7 @@ Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from
    its traceback. `--debug` or `HF_MOE_DEBUG=1` always shows the traceback.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -279,10 +280,22 @@ def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
     arguments_classes, run, help_text = (commands or _commands())[command]
     if not isinstance(arguments_classes, tuple):  # one dataclass, or a tuple (finetune: + TrainingArguments)
         arguments_classes = (arguments_classes,)
-    parser = HfArgumentParser((*arguments_classes, OutputOptions), prog=f"hf-moe {command}",
+    options = _with_positionals(argv[1:], POSITIONALS.get(command, ()))
+    own = {field.name for cls in arguments_classes for field in dataclasses.fields(cls)}
+    common = {field.name for field in dataclasses.fields(OutputOptions)}
+    if own & common:
+        # TrainingArguments (finetune) has its own `--debug OPTION`: take the bare `--json`/`--debug` flags (read by
+        # `main`) out before parsing, so they cannot clash; a `--debug` followed by a value stays for the command.
+        options = [token for index, token in enumerate(options)
+                   if not (token in {f"--{name}" for name in common}
+                           and (index + 1 == len(options) or options[index + 1].startswith("-")))]
+        classes = arguments_classes
+    else:
+        classes = (*arguments_classes, OutputOptions)
+    parser = HfArgumentParser(classes, prog=f"hf-moe {command}",
                               description=f"hf-moe {__version__} {command}: {help_text}")
-    *arguments, _ = parser.parse_args_into_dataclasses(args=_with_positionals(argv[1:], POSITIONALS.get(command, ())))
-    return run, arguments
+    arguments = parser.parse_args_into_dataclasses(args=options)
+    return run, list(arguments[:len(arguments_classes)])
 
 
 if __name__ == "__main__":
