@@ -182,13 +182,11 @@ def test_qlora_finetune_from_the_command_line_lowers_held_out_loss(tiny_upcycled
           "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "5e-2",
           "--warmup_steps", "0", "--logging_steps", "10", "--save_steps", "100", "--eval_steps", "100",
           "--max_length", "64", "--report_to", "none"])
-    print("QLORA_FILES", sorted(path.name for path in output.iterdir()))
     assert (output / "adapter_config.json").exists() and not (output / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(tiny_upcycled, dtype=torch.float32, quantization_config=FOUR_BIT)
     adapted = PeftModel.from_pretrained(base, output)
     assert len(adapted_parameters(adapted)) == 2 * base.config.num_hidden_layers  # experts adapted too
     after = evaluate_model(adapted, tokenizer, heldout, max_new_tokens=1)["heldout"]["loss"]
-    print("QLORA_LOSS", before, after)
     assert after < before - 0.1, (before, after)
 
 
