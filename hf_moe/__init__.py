@@ -24,12 +24,14 @@ from .modeling import (
     mh_moe_matched_config,
     router_z_loss,
 )
+from .quantization.quantizer import register_experts_quantizers
 from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
 
 __version__ = "0.1.0"
 
 register_auto_classes()
 register_model_card_writer()
+register_experts_quantizers()  # from_pretrained(quantization_config=BitsAndBytesConfig(...)) quantises experts too
 
 __all__ = [
     "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config",

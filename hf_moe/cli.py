@@ -124,6 +124,12 @@ def _benchmark_upcycle(args) -> dict:
     return benchmark_upcycling(args)
 
 
+def _benchmark_quantization(args) -> dict:
+    from .quantization.benchmark import benchmark_quantization
+
+    return benchmark_quantization(args)
+
+
 def _benchmark_export(args) -> dict:
     from .export.benchmark import benchmark_export
 
@@ -176,6 +182,7 @@ def _commands() -> dict:
     from .export.benchmark import ExportBenchmarkArguments
     from .hub.check import CheckArguments
     from .hub.publish import PublishArguments
+    from .quantization.benchmark import QuantizationBenchmarkArguments
     from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
     from .training.replication import ReplicationArguments
     from .upcycling import UpcycleArguments
@@ -203,6 +210,9 @@ def _commands() -> dict:
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
         "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
                              "time and peak memory: streaming export vs load + save_pretrained"),
+        "benchmark-quantization": (QuantizationBenchmarkArguments, _benchmark_quantization,
+                                   "4-bit (experts included) vs bf16: weight memory, max |Δlogit|, greedy agreement, "
+                                   "forward time"),
     }
 
 
@@ -282,8 +292,9 @@ def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
                                               for option in _shared_options(arguments_classes)])
     parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {command}",
                               description=f"hf-moe {__version__} {command}: {help_text}")
-    *arguments, _ = parser.parse_args_into_dataclasses(args=_with_positionals(argv[1:], POSITIONALS.get(command, ())))
-    return run, arguments
+    options = _with_positionals(argv[1:], POSITIONALS.get(command, ()))
+    arguments = parser.parse_args_into_dataclasses(args=options)
+    return run, list(arguments[:len(arguments_classes)])
 
 
 if __name__ == "__main__":

@@ -5,9 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
     Trainer,
@@ -18,6 +16,7 @@ from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
+from ..quantization.lora import load_for_finetuning
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from .freezing import freeze_moe
 from .optimizer_step import OptimizerStepCallback
@@ -42,6 +41,12 @@ class FinetuneArguments:
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
     nonfinite_max_consecutive: int = field(default=3, metadata={"help": "rollback after N non-finite steps in a row"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base in bitsandbytes 4-bit NF4, experts included (needs --lora_r)"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 = train the full model"})
+    lora_targets: str = field(default="attention,experts", metadata={
+        "help": "comma-separated LoRA targets: attention, experts, router"})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_r)"})
 
 
 @dataclass
@@ -87,7 +92,8 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model or AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
+    model = model or load_for_finetuning(args.model_path, args.load_in_4bit, args.lora_r, args.lora_targets,
+                                         args.lora_alpha)
     if args.router_aux_loss_scope is not None:
         model.config.router_aux_loss_scope = args.router_aux_loss_scope
     if args.router_aux_loss_coef is not None:

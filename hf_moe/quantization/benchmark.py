@@ -1,0 +1,76 @@
+"""4-bit (experts included) against bfloat16 on one upcycled model: resident weight memory, max |Δlogit| and greedy
+agreement on the `--verify` prompts, and forward time (median of repeats), all in one run."""
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from ..upcycling.verify import SAMPLE_PROMPTS, chat_prompt_ids
+from .experts import unquantized_expert_parameters
+from .memory import resident_weight_bytes
+
+
+@dataclass
+class QuantizationBenchmarkArguments:
+    model_path: str = field(default="out/SmolLM2-135M-Instruct-hf_moe-8x2", metadata={
+        "help": "an hf_moe folder (default: the output of `hf-moe upcycle`)"})
+    quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
+    repeats: int = field(default=5, metadata={"help": "timed forwards per model (median reported)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens generated per prompt"})
+
+
+def _forward_seconds(model, inputs: list[torch.Tensor], repeats: int) -> float:
+    """Median over `repeats` of one forward of every prompt (after one warm-up pass)."""
+    times = []
+    for index in range(repeats + 1):
+        start = time.perf_counter()
+        for ids in inputs:
+            model(input_ids=ids)
+        if index:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
+    """One row per precision (bf16 reference, 4-bit) and the comparison between them."""
+    if args.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"`quant_type`={args.quant_type!r} is invalid: choose nf4 or fp4")
+    if args.repeats < 1:
+        raise ValueError(f"`repeats`={args.repeats} is invalid: give at least 1")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in SAMPLE_PROMPTS]
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_type,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    models = {"bf16": AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.bfloat16).eval(),
+              f"4-bit {args.quant_type}": AutoModelForCausalLM.from_pretrained(
+                  args.model_path, dtype=torch.bfloat16, quantization_config=config).eval()}
+    reference, quantized = models.values()
+    left = unquantized_expert_parameters(quantized)
+    if left:
+        raise RuntimeError(f"expert tensors left in full precision: {left}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    worst, identical, same_tokens, total_tokens = 0.0, 0, 0, 0
+    for ids in inputs:
+        difference = (reference(input_ids=ids).logits.float() - quantized(input_ids=ids).logits.float()).abs()
+        worst = max(worst, difference.max().item())
+        answers = [model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                  pad_token_id=pad)[0, ids.shape[1]:] for model in (reference, quantized)]
+        identical += torch.equal(*answers)
+        length = min(len(answer) for answer in answers)
+        same_tokens += (answers[0][:length] == answers[1][:length]).sum().item()
+        total_tokens += max(len(answer) for answer in answers)
+    rows = [{"precision": name, "weight_MiB": round(resident_weight_bytes(model) / 2**20, 1),
+             "forward_s": round(_forward_seconds(model, inputs, args.repeats), 4)} for name, model in models.items()]
+    return {
+        "model": args.model_path, "device": "cpu", "prompts": len(inputs), "rows": rows,
+        "memory_ratio": round(rows[1]["weight_MiB"] / rows[0]["weight_MiB"], 3),
+        "forward_time_ratio": round(rows[1]["forward_s"] / rows[0]["forward_s"], 2),
+        "max_abs_logit_difference": round(worst, 4),
+        "identical_greedy_generations": f"{identical}/{len(inputs)}",
+        "greedy_token_agreement": round(same_tokens / total_tokens, 3),
+    }
+
