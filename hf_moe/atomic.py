@@ -23,6 +23,15 @@ def _sibling_dir(target: Path, tag: str) -> Path:
             continue
 
 
+def _give_files_the_umask_mode(folder: Path) -> None:
+    """Files written through temporary files (safetensors, `tempfile.mkstemp`) are created 0o600; give every file the
+    mode a plain `open(..., "w")` would (the folder's umask-derived mode without the execute bits)."""
+    file_mode = folder.stat().st_mode & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(file_mode)
+
+
 @contextlib.contextmanager
 def _termination_raises() -> Iterator[None]:
     """Turn SIGTERM into `SystemExit(143)` for the duration, so `finally`/`except` cleanup runs as it does for
@@ -52,7 +61,8 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
 
     An existing `output_dir` raises `OutputExistsError` (a `FileExistsError`) before anything is written, unless
     `overwrite=True`, in which case it is replaced only after the new folder is complete. The folder gets the
-    permissions of a plain `mkdir` (umask), and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging
+    permissions of a plain `mkdir` (umask), its files those of a plain `open` (never the 0o600 of temporary files),
+    and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging
     folder behind.
 
     Example:
@@ -69,6 +79,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
         staging = _sibling_dir(output_dir, "partial")
         try:
             yield staging
+            _give_files_the_umask_mode(staging)
             if output_dir.exists():
                 retired = _sibling_dir(output_dir, "old")
                 output_dir.rename(retired / output_dir.name)

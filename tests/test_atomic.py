@@ -62,6 +62,20 @@ def tiny_dense(tmp_path_factory):
     return folder
 
 
+def test_upcycled_files_are_readable_like_plain_files(tiny_dense, tmp_path):
+    """safetensors and the card's temporary file create 0o600 files; the finished folder must not keep that."""
+    from hf_moe import upcycle
+
+    previous = os.umask(0o022)
+    try:
+        folder = upcycle(str(tiny_dense), str(tmp_path / "moe"), num_experts=2)
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.iterdir()}
+    assert {"model.safetensors", "README.md", "config.json"} <= set(modes)
+    assert set(modes.values()) == {oct(0o644)}, modes
+
+
 # SIGINT (KeyboardInterrupt) unwinds by itself and was checked the same way once; SIGTERM is the one that did not.
 def test_sigterm_during_upcycling_leaves_no_staging_folder(tiny_dense, tmp_path):
     signum = signal.SIGTERM
