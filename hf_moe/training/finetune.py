@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -66,6 +67,9 @@ class FinetuneTrainingArguments(TrainingArguments):
     optim: str = "adamw_torch_fused"  # 8x faster than the foreach AdamW on CPU for MoE-sized parameter sets
     seed: int = 0
     data_seed: int | None = 0
+    # Without a GPU, `use_cpu` must be set for `accelerate launch --num_processes N` to form a CPU process group;
+    # left False, each process silently trains alone on its shard (found by the DDP test).
+    use_cpu: bool = not torch.cuda.is_available()
 
 
 def tokenized_splits(args: FinetuneArguments, tokenizer, seed: int = 0):
