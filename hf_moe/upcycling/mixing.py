@@ -17,21 +17,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from ..atomic import atomic_output_dir
-from ..auto import meta_model
-from ..hub.upcycled import write_upcycled_card
 from .config_mapping import decoder_fields
 from .experts import _fuse
 from .routers import calibration_routers, random_router, zeros_router
 from .sources import DenseCheckpoint, UnsupportedCheckpointError, open_dense_checkpoint
 from .upcycle import (
     MLP_WEIGHT,
-    _copy_tokenizer_and_generation_config,
-    _save_config_and_code,
-    check_complete,
     output_dtype,
     prepare,
+    write_model_folder,
 )
-from .writer import ShardedSafetensorsWriter, parse_size
 
 logger = logging.getLogger(__name__)
 MERGE_MODES = ("base", "average")
@@ -235,17 +230,10 @@ def run_mix(args, dense: DenseCheckpoint | None = None) -> Path:
     dtype = None if resolved_dtype == "auto" else getattr(torch, resolved_dtype)
 
     with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
         stream = mixed_tensors(base, readers, config, args.experts, args.merge_others, routers)
-        for name, tensor in tqdm(stream, desc=f"mixing {len(args.experts)} experts", unit="tensor"):
-            writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
-        target = meta_model(config)
-        check_complete(writer.names, config, dense.name, target)
-        writer.finish()
-        config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
-        _save_config_and_code(config, staging)
-        _copy_tokenizer_and_generation_config(dense, staging)
-        write_upcycled_card(staging, output_dir.name, target, args, dense, config.dtype)
+        progress = tqdm(stream, desc=f"mixing {len(args.experts)} experts", unit="tensor")
+        write_model_folder(staging, output_dir.name, ((name, tensor.to(dtype) if dtype is not None else tensor)
+                                                      for name, tensor in progress), config, args, dense)
         record = {"base": dense.name, "experts": args.experts, "merge_others": args.merge_others,
                   "router_init": args.router_init}
         if heldout is not None:

@@ -254,6 +254,22 @@ def check_complete(names: set[str], config, source_name: str, model=None) -> Non
         )
 
 
+def write_model_folder(staging: Path, model_name: str, tensors: Iterable[tuple[str, torch.Tensor]], config,
+                       args: UpcycleArguments, dense: DenseCheckpoint) -> None:
+    """Write `tensors` as sharded safetensors into `staging`, check them against `config`, then the config, the code
+    files, the tokenizer and generation config of `dense`, and the card."""
+    writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
+    for name, tensor in tensors:
+        writer.add(name, tensor)
+    target = meta_model(config)
+    check_complete(writer.names, config, dense.name, target)
+    writer.finish()
+    config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+    _save_config_and_code(config, staging)
+    _copy_tokenizer_and_generation_config(dense, staging)
+    write_upcycled_card(staging, model_name, target, args, dense, config.dtype)
+
+
 def run_upcycle(args: UpcycleArguments, dense: DenseCheckpoint | None = None) -> Path:
     """Upcycle as described by `args`; see [`upcycle`]. `dense`: the source, if already opened (it is read once)."""
     if args.experts:
@@ -270,17 +286,9 @@ def run_upcycle(args: UpcycleArguments, dense: DenseCheckpoint | None = None) ->
     calibrated = _calibrated_routers(args, dense, config)
 
     with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
         progress = tqdm(dense.tensors(), total=len(dense.tensor_names), desc=f"upcycling -> {args.arch}",
                         unit="tensor")
-        for name, tensor in upcycled_tensors(progress, config, args, calibrated):
-            writer.add(name, tensor)
-        target = meta_model(config)
-        check_complete(writer.names, config, dense.name, target)
-        writer.finish()
-        config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
-        _save_config_and_code(config, staging)
-        _copy_tokenizer_and_generation_config(dense, staging)
-        write_upcycled_card(staging, output_dir.name, target, args, dense, config.dtype)
+        write_model_folder(staging, output_dir.name, upcycled_tensors(progress, config, args, calibrated), config,
+                           args, dense)
     logger.info("upcycled %s into %s", dense.name, output_dir)
     return output_dir
