@@ -47,6 +47,22 @@ def dense_layers(config) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i not in sparse]
 
 
+def qwen_moe_fields(config) -> dict:
+    """The sparse-block and window fields Qwen2-MoE and Qwen3-MoE share (every layer's block at
+    `decoder_sparse_step=1`, the dense ones listed in `mlp_only_layers`)."""
+    window = sliding_window(config)
+    return dict(
+        num_experts=config.num_experts,
+        moe_intermediate_size=config.moe_intermediate_size,
+        intermediate_size=config.intermediate_size,  # the dense layers'
+        decoder_sparse_step=1,
+        mlp_only_layers=dense_layers(config),
+        norm_topk_prob=config.norm_topk_prob,
+        use_sliding_window=window is not None,
+        sliding_window=window,
+    )
+
+
 def common_blockers(config) -> list[Blocker]:
     """What no target can reproduce: MH-MoE, token dropping at inference, learned router noise."""
     blockers = []

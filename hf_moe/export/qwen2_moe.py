@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .base import Blocker, ExportTarget, dense_layers, sliding_window
+from .base import Blocker, ExportTarget, qwen_moe_fields
 
 
 class Qwen2MoeTarget(ExportTarget):
@@ -27,18 +27,10 @@ class Qwen2MoeTarget(ExportTarget):
         return blockers
 
     def config_fields(self, config) -> dict:
-        window = sliding_window(config)
         return dict(
-            num_experts=config.num_experts,
-            moe_intermediate_size=config.moe_intermediate_size,
-            intermediate_size=config.intermediate_size,  # the dense layers'
+            qwen_moe_fields(config),
             shared_expert_intermediate_size=config.num_shared_experts * config.moe_intermediate_size,
-            decoder_sparse_step=1,
-            mlp_only_layers=dense_layers(config),
-            norm_topk_prob=config.norm_topk_prob,
             qkv_bias=config.attention_bias,
-            use_sliding_window=window is not None,
-            sliding_window=window,
             max_window_layers=config.num_hidden_layers,
             layer_types=list(config.layer_types),
         )

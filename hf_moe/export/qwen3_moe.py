@@ -1,6 +1,6 @@
 """Qwen3-MoE: q/k norm, optional dense layers (`mlp_only_layers`), `norm_topk_prob`, one bias flag for q/k/v/o."""
 
-from .base import Blocker, ExportTarget, dense_layers, has_mixed_attention, sliding_window
+from .base import Blocker, ExportTarget, has_mixed_attention, qwen_moe_fields
 
 
 class Qwen3MoeTarget(ExportTarget):
@@ -28,15 +28,4 @@ class Qwen3MoeTarget(ExportTarget):
         return blockers
 
     def config_fields(self, config) -> dict:
-        window = sliding_window(config)
-        return dict(
-            num_experts=config.num_experts,
-            moe_intermediate_size=config.moe_intermediate_size,
-            intermediate_size=config.intermediate_size,  # the dense layers'
-            decoder_sparse_step=1,
-            mlp_only_layers=dense_layers(config),
-            norm_topk_prob=config.norm_topk_prob,
-            attention_bias=config.attention_bias,
-            use_sliding_window=window is not None,
-            sliding_window=window,
-        )
+        return dict(qwen_moe_fields(config), attention_bias=config.attention_bias)
