@@ -394,6 +394,77 @@ def grouped_matmul(inputs: torch.Tensor, weights: torch.Tensor, offsets: torch.T
     return torch.ops.transformers.grouped_mm_fallback(inputs, weights.to(inputs.dtype), offs=offsets)
 
 
+def _expert_row_spans(group_ends: list[int]):
+    """`(expert, start, end)` of every expert that received rows, from cumulative row counts."""
+    start = 0
+    for expert, end in enumerate(group_ends):
+        if end > start:
+            yield expert, start, end
+        start = end
+
+
+def cpu_swiglu_experts_forward(inputs: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                               group_ends: list[int], gate_up_out: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU experts on rows sorted by expert: `inputs (rows, H)`, `gate_up_proj (E, 2I, H)`, `down_proj (E, H, I)`.
+
+    Each expert's activations live only while that expert is computed (they stay in cache, and their memory is
+    reused for the next expert); `gate_up_out (rows, 2I)`, when given, receives the gate/up projections for backward.
+    """
+    outputs = inputs.new_empty(inputs.shape[0], down_proj.shape[1])  # (rows, H)
+    for expert, start, end in _expert_row_spans(group_ends):
+        gate_up = torch.mm(inputs[start:end], gate_up_proj[expert].t(),
+                           out=None if gate_up_out is None else gate_up_out[start:end])  # (rows_e, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.mm(F.silu(gate).mul_(up), down_proj[expert].t(), out=outputs[start:end])
+    return outputs
+
+
+class CpuSwiGLUExperts(torch.autograd.Function):
+    """Training path of the SwiGLU experts on CPU: the same matmuls as torch's grouped matmul, fewer big allocations.
+
+    On CPU torch's grouped matmul is itself a loop of one `mm` per expert. What costs extra is memory: autograd keeps
+    the gate/up output, SiLU output and SwiGLU product, and its backward allocates five more activation-sized tensors;
+    with many narrow rows (MH-MoE: tokens x heads x k sub-token assignments) each fresh multi-hundred-MB tensor is
+    paid in page faults and in a pass through main memory. Here forward keeps only the gate/up projections, backward
+    recomputes each expert's SwiGLU product while it is in cache and writes the gradients into the buffers of the
+    activations they replace. Saved tensors go through `save_for_backward` (gradient checkpointing's hooks apply);
+    backward consumes them, so a second backward through the same graph is refused by autograd's in-place check.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, gate_up_proj, down_proj, group_ends):
+        gate_up = inputs.new_empty(inputs.shape[0], gate_up_proj.shape[1])  # (rows, 2I), kept for backward
+        outputs = cpu_swiglu_experts_forward(inputs, gate_up_proj, down_proj, group_ends, gate_up_out=gate_up)
+        ctx.save_for_backward(inputs, gate_up_proj, down_proj, gate_up)
+        ctx.group_ends = group_ends
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        inputs, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
+        need_inputs, need_gate_up_proj, need_down_proj = ctx.needs_input_grad[:3]
+        grad_outputs = grad_outputs.contiguous()
+        grad_inputs = torch.zeros_like(inputs) if need_inputs else None
+        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if need_gate_up_proj else None  # experts without rows: 0
+        grad_down_proj = torch.zeros_like(down_proj) if need_down_proj else None
+        for expert, start, end in _expert_row_spans(ctx.group_ends):
+            grad_out = grad_outputs[start:end]  # (rows_e, H)
+            gate_up_rows = gate_up[start:end]  # (rows_e, 2I); becomes d loss / d gate_up below
+            gate, up = gate_up_rows.chunk(2, dim=-1)
+            activated = F.silu(gate).mul_(up)  # (rows_e, I), recomputed from cache
+            if need_down_proj:
+                torch.mm(grad_out.t(), activated, out=grad_down_proj[expert])
+            grad_activated = torch.mm(grad_out, down_proj[expert], out=activated)  # the product is no longer needed
+            grad_silu = grad_activated * up
+            torch.mul(F.silu(gate), grad_activated, out=up)  # d loss / d up
+            torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=gate)  # d loss / d gate
+            if need_gate_up_proj:
+                torch.mm(gate_up_rows.t(), inputs[start:end], out=grad_gate_up_proj[expert])
+            if need_inputs:
+                torch.mm(gate_up_rows, gate_up_proj[expert], out=grad_inputs[start:end])
+        return grad_inputs, grad_gate_up_proj, grad_down_proj, None
+
+
 @use_experts_implementation
 class MoeExperts(nn.Module):
     """E SwiGLU experts stored as fused 3-D tensors: `gate_up_proj (E, 2I, H)` and `down_proj (E, H, I)`.
@@ -411,6 +482,7 @@ class MoeExperts(nn.Module):
         self.intermediate_dim = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, hidden_size, intermediate_size))
+        self.hidden_act = config.hidden_act
         self.act_fn = ACT2FN[config.hidden_act]
         self.expert_dropout = config.expert_dropout
 
@@ -421,6 +493,24 @@ class MoeExperts(nn.Module):
         if self.training and self.expert_dropout > 0:
             hidden = F.dropout(hidden, p=self.expert_dropout)
         return hidden
+
+    def _use_cpu_swiglu(self, expert_inputs: torch.Tensor) -> bool:
+        """CPU eager SwiGLU without expert dropout on plain (not distributed) tensors: see `CpuSwiGLUExperts`."""
+        weights = (self.gate_up_proj, self.down_proj)
+        return (expert_inputs.device.type == "cpu" and self.hidden_act == "silu"
+                and not (self.training and self.expert_dropout > 0) and not torch.compiler.is_compiling()
+                and all(type(w) in (torch.Tensor, nn.Parameter) for w in weights)
+                and self.gate_up_proj.shape[0] == self.num_experts)
+
+    def _cpu_swiglu(self, expert_inputs: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        gate_up_proj = self.gate_up_proj.to(expert_inputs.dtype)
+        down_proj = self.down_proj.to(expert_inputs.dtype)
+        group_ends = offsets.tolist()  # a CPU tensor: no device sync
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (expert_inputs, gate_up_proj, down_proj))
+        if needs_grad:
+            return CpuSwiGLUExperts.apply(expert_inputs, gate_up_proj, down_proj, group_ends)
+        return cpu_swiglu_experts_forward(expert_inputs, gate_up_proj, down_proj, group_ends)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -434,8 +524,11 @@ class MoeExperts(nn.Module):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
 
         expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (tokens * k, H), sorted by expert
-        gate_up = grouped_matmul(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
-        expert_outputs = grouped_matmul(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
+        if self._use_cpu_swiglu(expert_inputs):
+            expert_outputs = self._cpu_swiglu(expert_inputs, offsets)
+        else:
+            gate_up = grouped_matmul(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
+            expert_outputs = grouped_matmul(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
         combine_weights = top_k_weights.reshape(-1)[order, None].to(expert_outputs.dtype)  # (tokens * k, 1)
         weighted = (expert_outputs * combine_weights).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, weighted)  # (tokens, H)

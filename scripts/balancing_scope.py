@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from hf_moe.training import EvaluateArguments, FinetuneArguments, run_evaluate, run_finetune
+from hf_moe.training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments, run_evaluate, run_finetune
 from hf_moe.upcycling import open_dense_checkpoint, upcycle
 
 
@@ -51,13 +51,14 @@ def main(args: ScopeArguments) -> list[dict]:
     for scope in ("micro_batch", "global_batch"):
         run_dir = root / f"tuned-{scope}"
         began = time.perf_counter()
-        run_finetune(FinetuneArguments(
-            model_path=str(start), output_dir=str(run_dir), max_steps=args.max_steps,
-            per_device_train_batch_size=args.per_device_train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-            router_aux_loss_scope=scope, router_aux_loss_coef=args.router_aux_loss_coef,
-            eval_per_family=args.eval_per_family, save_steps=args.max_steps, logging_steps=args.max_steps,
-            report_to="none", seed=args.seed))
+        run_finetune(
+            FinetuneArguments(model_path=str(start), router_aux_loss_scope=scope,
+                              router_aux_loss_coef=args.router_aux_loss_coef, eval_per_family=args.eval_per_family),
+            FinetuneTrainingArguments(
+                output_dir=str(run_dir), max_steps=args.max_steps,
+                per_device_train_batch_size=args.per_device_train_batch_size,
+                gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+                save_steps=args.max_steps, logging_steps=args.max_steps, report_to="none", seed=args.seed))
         seconds = time.perf_counter() - began
         report = run_evaluate(EvaluateArguments(model_path=str(run_dir), eval_per_family=args.eval_per_family,
                                                 seed=args.seed))

@@ -142,3 +142,14 @@ def test_generic_report_layouts():
     assert render({"ratio": 1.23456, "ok": True, "inner": {"seconds": 2.0}}).splitlines() == [
         "ratio  1.235", "ok     yes", "inner:", "  seconds  2"]
     assert json.loads(render({"ratio": 1.23456}, as_json=True)) == {"ratio": 1.23456}
+
+
+def test_no_script_shadows_a_module_that_hf_moe_imports():
+    # `python scripts/X.py` puts scripts/ first on sys.path: a scripts/evaluate.py would be imported instead of the
+    # `evaluate` library by everything hf_moe does in that process.
+    import importlib.util
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    shadowing = [path.name for path in scripts.glob("*.py") if importlib.util.find_spec(path.stem) is not None]
+    assert shadowing == []
