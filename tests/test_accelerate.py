@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,22 @@ fsdp_config:
   fsdp_cpu_ram_efficient_loading: false
 """
 
+# No `deepspeed_moe_layer_cls_names`: hf_moe makes the sparse blocks ZeRO-3 leaves itself (hf_moe/training/zero3.py).
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+num_machines: 1
+num_processes: 2
+mixed_precision: 'no'
+deepspeed_config:
+  zero_stage: 3
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+  offload_optimizer_device: none
+  offload_param_device: none
+  gradient_accumulation_steps: 1
+"""
+
 
 def _cli_flags(fields: dict) -> list[str]:
     return [item for key, value in fields.items() for item in (f"--{key}", str(value))]
@@ -41,10 +58,11 @@ def _training_logs(log_history: list[dict]) -> list[dict]:
     return [entry for entry in log_history if "loss" in entry]
 
 
-def _launch_finetune(model_path, output, launch_flags: list[str], batch_per_device: int = 2) -> list[dict]:
+def _launch_finetune(model_path, output, launch_flags: list[str], batch_per_device: int = 2,
+                     program=("-m", "hf_moe.cli", "finetune")) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags, "--main_process_port", "0",
-               "-m", "hf_moe.cli", "finetune", str(model_path), "--output_dir", str(output),
+               *program, str(model_path), "--output_dir", str(output),
                "--per_device_train_batch_size", str(batch_per_device), *_cli_flags(COMMON)]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
@@ -100,3 +118,37 @@ def test_fsdp2_from_an_accelerate_config_trains_like_ddp(tiny_upcycled, tmp_path
 
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.router_aux_loss_scope == "global_batch"
+
+
+def test_deepspeed_zero3_with_leaf_sparse_blocks_trains_like_ddp(tiny_upcycled, tmp_path, ddp_run):
+    pytest.importorskip("deepspeed")  # the `deepspeed` extra (in `dev`)
+    config = tmp_path / "zero3.yaml"
+    config.write_text(ZERO3_CONFIG)
+    output = tmp_path / "zero3"
+    worker = Path(__file__).with_name("zero3_worker.py")
+    zero3_logs = _launch_finetune(tiny_upcycled, output, ["--config_file", str(config)], program=(str(worker),))
+    _, ddp_logs = ddp_run
+    assert [entry["loss"] for entry in zero3_logs] == pytest.approx([entry["loss"] for entry in ddp_logs], abs=1e-4)
+    for rank in (0, 1):
+        report = json.loads((output / f"zero3_report-{rank}.json").read_text())
+        assert report["leaf_modules"] == ["MoeSparseBlock"]
+        shards = report["expert_shards"]
+        assert len(shards) == 4  # 2 layers x (gate_up_proj, down_proj)
+        for name, (local, full) in shards.items():
+            assert local == -(-full // 2), name  # each process holds half of every expert tensor
+
+
+def test_sparse_block_classes_for_zero3_leaves():
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from hf_moe.training.zero3 import sparse_block_classes
+
+    from .conftest import tiny_config
+
+    names = {model_type: [cls.__name__ for cls in sparse_block_classes(
+        AutoModelForCausalLM.from_config(tiny_config(model_type)))] for model_type in ("hf_moe", "hf_mh_moe")}
+    assert names == {"hf_moe": ["MoeSparseBlock"], "hf_mh_moe": ["MHMoeSparseBlock"]}
+    mixtral = AutoModelForCausalLM.from_config(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=4,
+                                                             num_key_value_heads=2, num_local_experts=4))
+    assert [cls.__name__ for cls in sparse_block_classes(mixtral)] == ["MixtralSparseMoeBlock"]

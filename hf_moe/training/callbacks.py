@@ -9,6 +9,7 @@ from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 from .heatmap import save_load_heatmap
 from .optimizer_step import OptimizerStepCallback
 from .router_stats import RouterStatsRecorder
+from .zero3 import set_zero3_leaf_sparse_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +20,8 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
 
     The Trainer runs its reporters before the callbacks passed to it (`default_callbacks + callbacks`) and offers no
     public way to insert a callback at a position; so the callbacks after `DefaultFlowCallback` are popped and added
-    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test).
+    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test). Under DeepSpeed ZeRO-3
+    the sparse blocks also become ZeRO-3 leaf modules (`hf_moe.training.zero3`).
 
     Example:
     ```python
@@ -40,6 +42,7 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
         from ..hub.push import use_training_card_on_push
 
         use_training_card_on_push(trainer)  # trainer.push_to_hub() then uploads hf_moe's fine-tuned card
+    set_zero3_leaf_sparse_blocks(trainer)  # a no-op unless DeepSpeed ZeRO-3 is configured
     return trainer
 
 
