@@ -444,19 +444,26 @@ class CpuSwiGLUExperts(torch.autograd.Function):
         inputs, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
         need_inputs, need_gate_up_proj, need_down_proj = ctx.needs_input_grad[:3]
         grad_outputs = grad_outputs.contiguous()
-        grad_inputs = torch.zeros_like(inputs) if need_inputs else None
-        grad_gate_up_proj = torch.zeros_like(gate_up_proj) if need_gate_up_proj else None  # experts without rows: 0
-        grad_down_proj = torch.zeros_like(down_proj) if need_down_proj else None
+        # Every row belongs to one expert's span, so every gradient row and expert is written below (experts that
+        # received no rows get zero weight gradients); no zero-filled activation-sized buffer is needed.
+        grad_inputs = torch.empty_like(inputs) if need_inputs else None
+        grad_gate_up_proj = torch.empty_like(gate_up_proj) if need_gate_up_proj else None
+        grad_down_proj = torch.empty_like(down_proj) if need_down_proj else None
+        counts = torch.tensor(ctx.group_ends).diff(prepend=torch.tensor([0]))
+        for grad_weight in (grad_gate_up_proj, grad_down_proj):
+            if grad_weight is not None:
+                grad_weight[counts == 0] = 0
         for expert, start, end in _expert_row_spans(ctx.group_ends):
             grad_out = grad_outputs[start:end]  # (rows_e, H)
             gate_up_rows = gate_up[start:end]  # (rows_e, 2I); becomes d loss / d gate_up below
             gate, up = gate_up_rows.chunk(2, dim=-1)
-            activated = F.silu(gate).mul_(up)  # (rows_e, I), recomputed from cache
+            silu_gate = F.silu(gate)  # (rows_e, I), recomputed while in cache
+            activated = silu_gate * up
             if need_down_proj:
                 torch.mm(grad_out.t(), activated, out=grad_down_proj[expert])
             grad_activated = torch.mm(grad_out, down_proj[expert], out=activated)  # the product is no longer needed
             grad_silu = grad_activated * up
-            torch.mul(F.silu(gate), grad_activated, out=up)  # d loss / d up
+            torch.mul(silu_gate, grad_activated, out=up)  # d loss / d up
             torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=gate)  # d loss / d gate
             if need_gate_up_proj:
                 torch.mm(gate_up_rows.t(), inputs[start:end], out=grad_gate_up_proj[expert])

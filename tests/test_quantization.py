@@ -117,6 +117,21 @@ def test_lora_targets_attention_and_router_are_selectable():
         moe_lora_config(model, targets="attention,mlp")
 
 
+def test_upcycled_4bit_model_equals_the_dense_model_in_stock_transformers_4bit(tiny_upcycled):
+    # Upcycled experts are copies of the dense MLP, so quantising them must reproduce bitsandbytes' own Linear4bit
+    # on the dense model: a defect in the 3-D expert quantisation (block layout, scales, dtype) shows up here.
+    dense = AutoModelForCausalLM.from_pretrained(tiny_upcycled.parent / "dense", dtype=torch.float32,
+                                                 quantization_config=FOUR_BIT)
+    assert type(dense.model.layers[0].mlp.gate_proj).__name__ == "Linear4bit"
+    moe = AutoModelForCausalLM.from_pretrained(tiny_upcycled, dtype=torch.float32, quantization_config=FOUR_BIT)
+    assert unquantized_expert_parameters(moe) == []
+    full = AutoModelForCausalLM.from_pretrained(tiny_upcycled, dtype=torch.float32)
+    with torch.no_grad():
+        dense_logits, moe_logits, full_logits = (m(IDS).logits for m in (dense, moe, full))
+    assert (moe_logits - dense_logits).abs().max().item() <= 1e-4
+    assert (moe_logits - full_logits).abs().max().item() > 1e-3  # 4-bit did change the model
+
+
 def test_qlora_adapters_save_and_reload_to_the_same_logits(tiny_folders, tmp_path):
     folder = tiny_folders["hf_moe"]
     model = attach_moe_lora(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,

@@ -1,5 +1,7 @@
 """4-bit (experts included) against bfloat16 on one upcycled model: resident weight memory, max |Δlogit| and greedy
-agreement on the `--verify` prompts, and forward time (median of repeats), all in one run."""
+agreement on the `--verify` prompts, and forward time (median of repeats), all in one run. With the dense model it
+was upcycled from, the same comparison for stock transformers' 4-bit of that dense model: the reference for what
+NF4 itself costs, and the upcycled 4-bit model against it."""
 
 import statistics
 import time
@@ -20,6 +22,9 @@ class QuantizationBenchmarkArguments:
     quant_type: str = field(default="nf4", metadata={"help": "nf4 | fp4"})
     repeats: int = field(default=5, metadata={"help": "timed forwards per model (median reported)"})
     max_new_tokens: int = field(default=24, metadata={"help": "greedy tokens generated per prompt"})
+    dense_model_path: str | None = field(default=None, metadata={
+        "help": "the dense folder `model_path` was upcycled from: adds its bf16 vs 4-bit comparison (stock "
+                "transformers' Linear4bit) as a reference"})
 
 
 def _forward_seconds(model, inputs: list[torch.Tensor], repeats: int) -> float:
@@ -53,24 +58,44 @@ def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
     if left:
         raise RuntimeError(f"expert tensors left in full precision: {left}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    worst, identical, same_tokens, total_tokens = 0.0, 0, 0, 0
-    for ids in inputs:
-        difference = (reference(input_ids=ids).logits.float() - quantized(input_ids=ids).logits.float()).abs()
-        worst = max(worst, difference.max().item())
-        answers = [model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                  pad_token_id=pad)[0, ids.shape[1]:] for model in (reference, quantized)]
-        identical += torch.equal(*answers)
-        length = min(len(answer) for answer in answers)
-        same_tokens += (answers[0][:length] == answers[1][:length]).sum().item()
-        total_tokens += max(len(answer) for answer in answers)
+    agreement = compare_models(reference, quantized, inputs, args.max_new_tokens, pad)
     rows = [{"precision": name, "weight_MiB": round(resident_weight_bytes(model) / 2**20, 1),
              "forward_s": round(_forward_seconds(model, inputs, args.repeats), 4)} for name, model in models.items()]
     return {
         "model": args.model_path, "device": "cpu", "prompts": len(inputs), "rows": rows,
         "memory_ratio": round(rows[1]["weight_MiB"] / rows[0]["weight_MiB"], 3),
         "forward_time_ratio": round(rows[1]["forward_s"] / rows[0]["forward_s"], 2),
-        "max_abs_logit_difference": round(worst, 4),
-        "identical_greedy_generations": f"{identical}/{len(inputs)}",
-        "greedy_token_agreement": round(same_tokens / total_tokens, 3),
+        **agreement,
+        **({"dense_reference": _dense_reference(args.dense_model_path, config, inputs, args.max_new_tokens, pad,
+                                                 quantized)} if args.dense_model_path else {}),
     }
+
+
+def _dense_reference(dense_path: str, config, inputs, max_new_tokens: int, pad: int, quantized_moe) -> dict:
+    """Stock transformers on the dense model: bf16 vs 4-bit, and the upcycled 4-bit model vs the dense 4-bit one."""
+    dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16).eval()
+    dense_4bit = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16,
+                                                      quantization_config=config).eval()
+    return {"dense_4bit_vs_bf16": compare_models(dense, dense_4bit, inputs, max_new_tokens, pad),
+            "upcycled_4bit_vs_dense_4bit": compare_models(dense_4bit, quantized_moe, inputs, max_new_tokens, pad)}
+
+
+def compare_models(reference, candidate, inputs: list[torch.Tensor], max_new_tokens: int, pad: int) -> dict:
+    """Max |Δlogit| over all positions, next-token argmax agreement, and greedy generations of `candidate` against
+    `reference` on `inputs` (one prompt per tensor)."""
+    worst, same_argmax, positions, identical, same_tokens, total_tokens = 0.0, 0, 0, 0, 0, 0
+    for ids in inputs:
+        reference_logits, candidate_logits = (model(input_ids=ids).logits.float() for model in (reference, candidate))
+        worst = max(worst, (reference_logits - candidate_logits).abs().max().item())
+        same_argmax += (reference_logits.argmax(-1) == candidate_logits.argmax(-1)).sum().item()
+        positions += ids.shape[1]
+        answers = [model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=pad)[0, ids.shape[1]:] for model in (reference, candidate)]
+        identical += torch.equal(*answers)
+        length = min(len(answer) for answer in answers)
+        same_tokens += (answers[0][:length] == answers[1][:length]).sum().item()
+        total_tokens += max(len(answer) for answer in answers)
+    return {"max_abs_logit_difference": round(worst, 4), "next_token_argmax_agreement": round(same_argmax / positions, 3),
+            "identical_greedy_generations": f"{identical}/{len(inputs)}",
+            "greedy_token_agreement": round(same_tokens / total_tokens, 3)}
 
