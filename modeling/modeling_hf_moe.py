@@ -403,19 +403,31 @@ def _expert_row_spans(group_ends: list[int]):
         start = end
 
 
+def _expert_workspaces(like: torch.Tensor, group_ends: list[int], *widths: int) -> list[torch.Tensor]:
+    """One (largest expert's rows, width) buffer per width, reused by every expert: one allocation per call instead
+    of one per expert and activation (fresh large allocations are paid in page faults on CPU)."""
+    sizes = [end - start for start, end in zip([0, *group_ends[:-1]], group_ends, strict=True)]
+    rows = max(sizes, default=0)
+    return [like.new_empty(rows, width) for width in widths]
+
+
 def cpu_swiglu_experts_forward(inputs: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
                                group_ends: list[int], gate_up_out: torch.Tensor | None = None) -> torch.Tensor:
     """SwiGLU experts on rows sorted by expert: `inputs (rows, H)`, `gate_up_proj (E, 2I, H)`, `down_proj (E, H, I)`.
 
-    Each expert's activations live only while that expert is computed (they stay in cache, and their memory is
-    reused for the next expert); `gate_up_out (rows, 2I)`, when given, receives the gate/up projections for backward.
+    Each expert's activations live in workspaces reused from expert to expert (they stay in cache); `gate_up_out
+    (rows, 2I)`, when given, receives the gate/up projections for backward.
     """
+    inner = down_proj.shape[-1]
     outputs = inputs.new_empty(inputs.shape[0], down_proj.shape[1])  # (rows, H)
+    activated_space, gate_up_space = _expert_workspaces(inputs, group_ends, inner,
+                                                        2 * inner if gate_up_out is None else 0)
     for expert, start, end in _expert_row_spans(group_ends):
-        gate_up = torch.mm(inputs[start:end], gate_up_proj[expert].t(),
-                           out=None if gate_up_out is None else gate_up_out[start:end])  # (rows_e, 2I)
+        gate_up = gate_up_space[:end - start] if gate_up_out is None else gate_up_out[start:end]  # (rows_e, 2I)
+        torch.mm(inputs[start:end], gate_up_proj[expert].t(), out=gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        torch.mm(F.silu(gate).mul_(up), down_proj[expert].t(), out=outputs[start:end])
+        activated = torch.ops.aten.silu.out(gate, out=activated_space[:end - start]).mul_(up)
+        torch.mm(activated, down_proj[expert].t(), out=outputs[start:end])
     return outputs
 
 
@@ -453,16 +465,19 @@ class CpuSwiGLUExperts(torch.autograd.Function):
         for grad_weight in (grad_gate_up_proj, grad_down_proj):
             if grad_weight is not None:
                 grad_weight[counts == 0] = 0
+        inner = down_proj.shape[-1]
+        workspaces = _expert_workspaces(inputs, ctx.group_ends, inner, inner, inner)
         for expert, start, end in _expert_row_spans(ctx.group_ends):
+            silu_gate, activated, grad_silu = (workspace[:end - start] for workspace in workspaces)  # (rows_e, I)
             grad_out = grad_outputs[start:end]  # (rows_e, H)
             gate_up_rows = gate_up[start:end]  # (rows_e, 2I); becomes d loss / d gate_up below
             gate, up = gate_up_rows.chunk(2, dim=-1)
-            silu_gate = F.silu(gate)  # (rows_e, I), recomputed while in cache
-            activated = silu_gate * up
+            torch.ops.aten.silu.out(gate, out=silu_gate)  # recomputed while in cache
+            torch.mul(silu_gate, up, out=activated)
             if need_down_proj:
                 torch.mm(grad_out.t(), activated, out=grad_down_proj[expert])
             grad_activated = torch.mm(grad_out, down_proj[expert], out=activated)  # the product is no longer needed
-            grad_silu = grad_activated * up
+            torch.mul(grad_activated, up, out=grad_silu)
             torch.mul(silu_gate, grad_activated, out=up)  # d loss / d up
             torch.ops.aten.silu_backward.grad_input(grad_silu, gate, grad_input=gate)  # d loss / d gate
             if need_gate_up_proj:
