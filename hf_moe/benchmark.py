@@ -30,6 +30,8 @@ class SparseBlockBenchmarkArguments:
     repeats: int = field(default=5, metadata={"help": "timed calls per row; the median is reported"})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     seed: int = field(default=0)
+    blocks: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={
+        "help": "comma-separated rows of the sparse-block table (a subset runs alone, e.g. hf_mh_moe)"})
     decode: bool = field(default=True, metadata={"help": "also time greedy decoding (DecodeBenchmarkArguments "
                                                           "defaults): eager vs static cache + torch.compile"})
     decode_new_tokens: int = field(default=32, metadata={"help": "tokens generated per decoding round"})
@@ -107,16 +109,21 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
     def dense_floor(active_inner: int) -> MoeMLP:
         return MoeMLP(moe_config, d, active_inner)
 
-    cases = [
-        (f"hf_moe top-{k}", MoeSparseBlock(moe_config), mixtral(k), k * inner),
-        (f"hf_switch top-1, capacity {args.switch_capacity_factor}", MoeSparseBlock(switch_config),
-         mixtral(1, switch_config.router_jitter_noise),
-         inner),
-        (f"hf_mh_moe h={args.num_moe_heads}, top-{mh_config.num_experts_per_tok} of {mh_config.num_experts}, "
-         f"expert {mh_config.moe_intermediate_size}", MHMoeSparseBlock(mh_config), None, k * inner),
-    ]
+    cases = {
+        "hf_moe": lambda: (f"hf_moe top-{k}", MoeSparseBlock(moe_config), mixtral(k), k * inner),
+        "hf_switch": lambda: (f"hf_switch top-1, capacity {args.switch_capacity_factor}",
+                              MoeSparseBlock(switch_config), mixtral(1, switch_config.router_jitter_noise), inner),
+        "hf_mh_moe": lambda: (f"hf_mh_moe h={args.num_moe_heads}, top-{mh_config.num_experts_per_tok} of "
+                              f"{mh_config.num_experts}, expert {mh_config.moe_intermediate_size}",
+                              MHMoeSparseBlock(mh_config), None, k * inner),
+    }
+    chosen = [name.strip() for name in args.blocks.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in cases]
+    if unknown or not chosen:
+        raise ValueError(f"`blocks`={args.blocks!r} is invalid: choose from {', '.join(cases)}")
     rows = []
-    for name, block, reference, active_inner in cases:
+    for case in chosen:
+        name, block, reference, active_inner = cases[case]()  # built when timed: one case's weights at a time
         candidates = {"block": _randomize(block, args.seed).to(dtype),
                       "dense": _randomize(dense_floor(active_inner), args.seed).to(dtype)}
         if reference is not None:

@@ -103,3 +103,14 @@ def test_expert_dropout_and_other_activations_keep_the_grouped_matmul_path():
     gelu = MoeSparseBlock(MoeConfig(hidden_size=32, num_attention_heads=4, moe_intermediate_size=48, num_experts=4,
                                     hidden_act="gelu")).experts
     assert not gelu._use_cpu_swiglu(inputs)
+
+
+def test_block_benchmark_runs_the_chosen_rows_and_rejects_unknown_ones():
+    from hf_moe.benchmark import SparseBlockBenchmarkArguments, benchmark_sparse_blocks
+
+    small = dict(hidden_size=64, moe_intermediate_size=64, num_tokens=32, repeats=1, decode=False)
+    rows = benchmark_sparse_blocks(SparseBlockBenchmarkArguments(**small, blocks="hf_mh_moe"))
+    assert [row["block"].split()[0] for row in rows] == ["hf_mh_moe"]
+    assert rows[0]["vs_dense_forward_backward"] > 0 and "vs_mixtral_forward" not in rows[0]
+    with pytest.raises(ValueError, match="hf_moe, hf_switch, hf_mh_moe"):
+        benchmark_sparse_blocks(SparseBlockBenchmarkArguments(**small, blocks="mixtral"))
