@@ -39,6 +39,17 @@ def family_entropy(specialisation: dict) -> float:
     return sum(values) / len(values)
 
 
+def finetune_arguments(args: ScopeArguments, start: Path, run_dir: Path, scope: str):
+    """(FinetuneArguments, FinetuneTrainingArguments) of one run; only `router_aux_loss_scope` differs between runs."""
+    return (
+        FinetuneArguments(model_path=str(start), router_aux_loss_scope=scope,
+                          router_aux_loss_coef=args.router_aux_loss_coef, eval_per_family=args.eval_per_family),
+        FinetuneTrainingArguments(
+            output_dir=str(run_dir), max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
+            save_steps=args.max_steps, logging_steps=args.max_steps, report_to="none", seed=args.seed))
+
+
 def main(args: ScopeArguments) -> list[dict]:
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -51,14 +62,7 @@ def main(args: ScopeArguments) -> list[dict]:
     for scope in ("micro_batch", "global_batch"):
         run_dir = root / f"tuned-{scope}"
         began = time.perf_counter()
-        run_finetune(
-            FinetuneArguments(model_path=str(start), router_aux_loss_scope=scope,
-                              router_aux_loss_coef=args.router_aux_loss_coef, eval_per_family=args.eval_per_family),
-            FinetuneTrainingArguments(
-                output_dir=str(run_dir), max_steps=args.max_steps,
-                per_device_train_batch_size=args.per_device_train_batch_size,
-                gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-                save_steps=args.max_steps, logging_steps=args.max_steps, report_to="none", seed=args.seed))
+        run_finetune(*finetune_arguments(args, start, run_dir, scope))
         seconds = time.perf_counter() - began
         report = run_evaluate(EvaluateArguments(model_path=str(run_dir), eval_per_family=args.eval_per_family,
                                                 seed=args.seed))

@@ -153,3 +153,20 @@ def test_no_script_shadows_a_module_that_hf_moe_imports():
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     shadowing = [path.name for path in scripts.glob("*.py") if importlib.util.find_spec(path.stem) is not None]
     assert shadowing == []
+
+
+def test_balancing_scope_script_builds_valid_runs_that_differ_only_in_the_scope(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "balancing_scope.py"
+    spec = importlib.util.spec_from_file_location("balancing_scope", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = script.ScopeArguments(output_dir=str(tmp_path))
+    runs = {scope: script.finetune_arguments(args, tmp_path / "start", tmp_path / scope, scope)
+            for scope in ("micro_batch", "global_batch")}
+    (micro, micro_training), (global_, global_training) = runs.values()
+    assert (micro.router_aux_loss_scope, global_.router_aux_loss_scope) == ("micro_batch", "global_batch")
+    assert micro_training.gradient_accumulation_steps == global_training.gradient_accumulation_steps == 4
+    assert micro_training.max_steps == global_training.max_steps == args.max_steps
