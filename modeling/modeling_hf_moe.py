@@ -493,8 +493,9 @@ class MoeExperts(nn.Module):
 
     The names and layout are transformers' (Mixtral, Qwen-MoE), so its experts backends (`batched_mm`,
     `grouped_mm`, ...), FP8, peft `target_parameters` and the tensor/expert-parallel plans apply. The own ("eager")
-    forward below is hf_moe's default: sort the assignments by expert, one grouped matmul per projection, scatter
-    back (see scripts/benchmark.py for its speed against transformers' backends and a dense MLP).
+    forward below is hf_moe's default: sort the assignments by expert, one grouped matmul per projection (on CPU:
+    `CpuSwiGLUExperts`), scatter back (see scripts/benchmark.py for its speed against transformers' backends and a
+    dense MLP).
     """
 
     def __init__(self, config: MoeConfig, hidden_size: int, intermediate_size: int):
