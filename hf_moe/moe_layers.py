@@ -35,6 +35,11 @@ class MoeLayer:
     num_experts: int
     top_k: int
 
+    @property
+    def block_name(self) -> str:
+        """The sparse block: the router's parent module ('' when the router hangs off the model itself)."""
+        return self.router_name.rpartition(".")[0]
+
     def module_names(self, part: str) -> tuple[str, ...]:
         """Modules of `part`: 'router', 'experts' (routed and shared experts) or 'moe' (both)."""
         if part not in MOE_PARTS:

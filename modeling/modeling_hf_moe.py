@@ -403,11 +403,15 @@ def _expert_row_spans(group_ends: list[int]):
         start = end
 
 
+def _group_sizes(group_ends: list[int]) -> list[int]:
+    """Rows per expert, from cumulative row counts."""
+    return [end - start for start, end in zip([0, *group_ends[:-1]], group_ends, strict=True)]
+
+
 def _expert_workspaces(like: torch.Tensor, group_ends: list[int], *widths: int) -> list[torch.Tensor]:
     """One (largest expert's rows, width) buffer per width, reused by every expert: one allocation per call instead
     of one per expert and activation (fresh large allocations are paid in page faults on CPU)."""
-    sizes = [end - start for start, end in zip([0, *group_ends[:-1]], group_ends, strict=True)]
-    rows = max(sizes, default=0)
+    rows = max(_group_sizes(group_ends), default=0)
     return [like.new_empty(rows, width) for width in widths]
 
 
@@ -420,8 +424,10 @@ def cpu_swiglu_experts_forward(inputs: torch.Tensor, gate_up_proj: torch.Tensor,
     """
     inner = down_proj.shape[-1]
     outputs = inputs.new_empty(inputs.shape[0], down_proj.shape[1])  # (rows, H)
-    activated_space, gate_up_space = _expert_workspaces(inputs, group_ends, inner,
-                                                        2 * inner if gate_up_out is None else 0)
+    if gate_up_out is None:
+        activated_space, gate_up_space = _expert_workspaces(inputs, group_ends, inner, 2 * inner)
+    else:
+        (activated_space,) = _expert_workspaces(inputs, group_ends, inner)
     for expert, start, end in _expert_row_spans(group_ends):
         gate_up = gate_up_space[:end - start] if gate_up_out is None else gate_up_out[start:end]  # (rows_e, 2I)
         torch.mm(inputs[start:end], gate_up_proj[expert].t(), out=gate_up)
@@ -461,10 +467,10 @@ class CpuSwiGLUExperts(torch.autograd.Function):
         grad_inputs = torch.empty_like(inputs) if need_inputs else None
         grad_gate_up_proj = torch.empty_like(gate_up_proj) if need_gate_up_proj else None
         grad_down_proj = torch.empty_like(down_proj) if need_down_proj else None
-        counts = torch.tensor(ctx.group_ends).diff(prepend=torch.tensor([0]))
+        unused_experts = [expert for expert, rows in enumerate(_group_sizes(ctx.group_ends)) if rows == 0]
         for grad_weight in (grad_gate_up_proj, grad_down_proj):
             if grad_weight is not None:
-                grad_weight[counts == 0] = 0
+                grad_weight[unused_experts] = 0
         inner = down_proj.shape[-1]
         workspaces = _expert_workspaces(inputs, ctx.group_ends, inner, inner, inner)
         for expert, start, end in _expert_row_spans(ctx.group_ends):

@@ -48,11 +48,11 @@ def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
         raise ValueError(f"`repeats`={args.repeats} is invalid: give at least 1")
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in SAMPLE_PROMPTS]
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_type,
+    quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_type,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
     models = {"bf16": AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.bfloat16).eval(),
               f"4-bit {args.quant_type}": AutoModelForCausalLM.from_pretrained(
-                  args.model_path, dtype=torch.bfloat16, quantization_config=config).eval()}
+                  args.model_path, dtype=torch.bfloat16, quantization_config=quantization_config).eval()}
     reference, quantized = models.values()
     left = unquantized_expert_parameters(quantized)
     if left:
@@ -66,16 +66,17 @@ def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
         "memory_ratio": round(rows[1]["weight_MiB"] / rows[0]["weight_MiB"], 3),
         "forward_time_ratio": round(rows[1]["forward_s"] / rows[0]["forward_s"], 2),
         **agreement,
-        **({"dense_reference": _dense_reference(args.dense_model_path, config, inputs, args.max_new_tokens, pad,
-                                                 quantized)} if args.dense_model_path else {}),
+        **({"dense_reference": _dense_reference(args.dense_model_path, quantization_config, inputs,
+                                                 args.max_new_tokens, pad, quantized)} if args.dense_model_path else {}),
     }
 
 
-def _dense_reference(dense_path: str, config, inputs, max_new_tokens: int, pad: int, quantized_moe) -> dict:
+def _dense_reference(dense_path: str, quantization_config, inputs, max_new_tokens: int, pad: int,
+                     quantized_moe) -> dict:
     """Stock transformers on the dense model: bf16 vs 4-bit, and the upcycled 4-bit model vs the dense 4-bit one."""
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16).eval()
     dense_4bit = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16,
-                                                      quantization_config=config).eval()
+                                                      quantization_config=quantization_config).eval()
     return {"dense_4bit_vs_bf16": compare_models(dense, dense_4bit, inputs, max_new_tokens, pad),
             "upcycled_4bit_vs_dense_4bit": compare_models(dense_4bit, quantized_moe, inputs, max_new_tokens, pad)}
 

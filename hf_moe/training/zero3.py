@@ -18,10 +18,9 @@ logger = logging.getLogger(__name__)
 
 def sparse_block_classes(model: nn.Module) -> list[type[nn.Module]]:
     """The module classes holding a router (the parent of each router found by `hf_moe.moe_layers`)."""
-    modules = dict(model.named_modules())
     classes = []
     for layer in find_moe_layers(model):
-        block = modules[layer.router_name.rpartition(".")[0]]
+        block = model.get_submodule(layer.block_name)
         if type(block) not in classes:
             classes.append(type(block))
     return classes
@@ -31,8 +30,8 @@ def set_zero3_leaf_sparse_blocks(trainer: Trainer) -> list[str]:
     """Under DeepSpeed ZeRO-3 (a Trainer whose accelerate plugin has `zero_stage: 3`), make the sparse blocks of
     `trainer.model` ZeRO-3 leaf modules; returns the class names marked (none without ZeRO-3). `add_moe_callbacks`
     calls this, so `hf-moe finetune` and the TRL trainers need no `deepspeed_moe_layer_cls_names` in the config."""
-    plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
-    plugin = getattr(plugin, "deepspeed_plugin", None)
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None)
     if plugin is None or plugin.zero_stage != 3:
         return []
     from deepspeed.utils import set_z3_leaf_modules
