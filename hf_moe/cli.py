@@ -6,8 +6,9 @@ Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from
 1. Write `def _name(args)` that calls the library and RETURNS its result instead of printing: plain data (a dict is
    shown as a key/value summary, a list of row dicts as a table) or `Report(data, text)` when people should see a
    text of your own (build it with `hf_moe.cli_output.table` / `summary`). `--json` prints the data.
-2. Add `"name": (ArgumentsDataclass, _name, "one-line help")` to `_commands()`, and its leading positional
-   arguments to `POSITIONALS` if it takes any.
+2. Add `"name": ("module:ArgumentsDataclass", _name, "one-line help")` to `_commands()` (a string, so the
+   dataclass's module is imported only when the command runs), and its leading positional arguments to
+   `POSITIONALS` if it takes any.
 3. Raise, don't print, on bad input: `ValueError` (a value; name the field, the value and what is allowed),
    `FileNotFoundError` / `OutputExistsError` (paths), or `hf_moe.errors.UserError(message, report=...)` for a
    request that ran but failed, e.g. a check with failed items: the report is printed, then the error line.
@@ -15,16 +16,16 @@ Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from
    its traceback. `--debug` or `HF_MOE_DEBUG=1` always shows the traceback.
 """
 
+import importlib
+import importlib.metadata
 import json
 import os
 import sys
 import traceback
 from dataclasses import dataclass, field, fields, make_dataclass
 
-from transformers import HfArgumentParser
-
 from . import __version__
-from .cli_output import Report, render
+from .cli_output import Report, format_verification, render
 from .errors import UserError, user_message
 
 POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
@@ -32,13 +33,13 @@ POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output
 
 
 def _demo(args) -> list[dict]:
-    from .demo import run_demo
+    from .recipes.demo import run_demo
 
     return run_demo(args)
 
 
 def _benchmark(args) -> Report:
-    from .benchmark import (
+    from .recipes.benchmark_blocks import (
         DecodeBenchmarkArguments,
         benchmark_decoding,
         benchmark_sparse_blocks,
@@ -58,8 +59,7 @@ def _benchmark(args) -> Report:
 
 def _upcycle(args) -> Report:
     from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
-    from .upcycling.mixing import routing_accuracy_markdown
-    from .upcycling.verify import format_verification
+    from .hub.upcycled import routing_accuracy_markdown
 
     dense = open_dense_checkpoint(args.source, args.gguf_file)  # opened (and a GGUF dequantised) once
     folder = run_upcycle(args, dense)
@@ -78,27 +78,25 @@ def _upcycle(args) -> Report:
 
 def _export(args) -> Report:
     from .export import run_export, verify_export
-    from .upcycling.verify import format_verification
 
     folder = run_export(args)
     result, text = {"output_dir": str(folder)}, f"exported model written to {folder}"
     if args.verify:
         report = verify_export(args.source, folder)
         result.update(report)
-        text += "\n\n" + format_verification(report).replace("upcycled answer", "exported answer")
+        text += "\n\n" + format_verification(report, candidate="exported", reference="hf_moe")
     return Report(result, text)
 
 
 def _finetune(args, training_args) -> Report:
-    from .training import run_finetune
+    from .recipes.finetune import run_finetune
 
     folder = run_finetune(args, training_args)
     return Report({"output_dir": str(folder)}, f"fine-tuned model written to {folder}")
 
 
 def _evaluate(args) -> Report:
-    from .training import run_evaluate
-    from .training.evaluation import format_evaluation
+    from .recipes.evaluate import format_evaluation, run_evaluate
 
     report = run_evaluate(args)
     report.pop("expert_specialisation", None)
@@ -106,32 +104,32 @@ def _evaluate(args) -> Report:
 
 
 def _replicate(args) -> Report:
-    from .training.replication import format_rows, run_replication
+    from .recipes.replicate import format_rows, run_replication
 
     rows = run_replication(args)
     return Report(rows, format_rows(rows))
 
 
 def _benchmark_stats(args) -> dict:
-    from .benchmark import benchmark_stats_overhead
+    from .recipes.benchmark_blocks import benchmark_stats_overhead
 
     return benchmark_stats_overhead(args)
 
 
 def _benchmark_upcycle(args) -> dict:
-    from .upcycling.benchmark import benchmark_upcycling
+    from .recipes.benchmark_upcycle import benchmark_upcycling
 
     return benchmark_upcycling(args)
 
 
 def _benchmark_quantization(args) -> dict:
-    from .quantization.benchmark import benchmark_quantization
+    from .recipes.benchmark_quantization import benchmark_quantization
 
     return benchmark_quantization(args)
 
 
 def _benchmark_export(args) -> dict:
-    from .export.benchmark import benchmark_export
+    from .recipes.benchmark_export import benchmark_export
 
     return benchmark_export(args)
 
@@ -176,44 +174,49 @@ def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
 
 
 def _commands() -> dict:
-    from .benchmark import SparseBlockBenchmarkArguments, StatsOverheadArguments
-    from .demo import DemoArguments
-    from .export import ExportArguments
-    from .export.benchmark import ExportBenchmarkArguments
-    from .hub.check import CheckArguments
-    from .hub.publish import PublishArguments
-    from .quantization.benchmark import QuantizationBenchmarkArguments
-    from .training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments
-    from .training.replication import ReplicationArguments
-    from .upcycling import UpcycleArguments
-    from .upcycling.benchmark import UpcycleBenchmarkArguments
-
+    """name -> (arguments dataclass(es) as "module:Class" strings, imported only when the command runs or shows its
+    help, so `hf-moe --help` stays instant; the function that runs it; the one-line help)."""
     return {
-        "upcycle": (UpcycleArguments, _upcycle, "[SOURCE] [OUTPUT_DIR]: dense Llama-family checkpoint -> MoE "
-                    "(no SOURCE: the embedded SmolLM2-135M-Instruct)"),
-        "export": (ExportArguments, _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|qwen3_moe: the same model as "
-                   "a native checkpoint for stock transformers (or a refusal naming why)"),
-        "demo": (DemoArguments, _demo, "build, save, reload as remote code and generate, for each architecture"),
-        "finetune": ((FinetuneArguments, FinetuneTrainingArguments), _finetune, "MODEL_PATH: instruction-tune with "
-                     "the MoE callbacks; also every TrainingArguments option (default data: the embedded task mixture)"),
-        "evaluate": (EvaluateArguments, _evaluate, "MODEL_PATH: perplexity, exact match per task family, "
-                     "expert specialisation"),
-        "replicate": (ReplicationArguments, _replicate, "dense vs upcycled MoE vs upcycled Switch, equal steps on "
-                      "the embedded mixture (SmolLM2 start)"),
-        "check": (CheckArguments, _check, "FOLDER: is the model folder ready for the Hub? one line per problem"),
-        "publish": (PublishArguments, _publish, "FOLDER REPO_ID: check, then upload the allow-listed files "
-                    "(--dry-run: list them)"),
-        "benchmark": (SparseBlockBenchmarkArguments, _benchmark, "time the sparse blocks against references"),
-        "benchmark-stats": (StatsOverheadArguments, _benchmark_stats,
+        "upcycle": ("hf_moe.upcycling.arguments:UpcycleArguments", _upcycle, "[SOURCE] [OUTPUT_DIR]: dense "
+                    "Llama-family checkpoint -> MoE (no SOURCE: the embedded SmolLM2-135M-Instruct)"),
+        "export": ("hf_moe.export.export:ExportArguments", _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|"
+                   "qwen3_moe: the same model as a native checkpoint for stock transformers (or a refusal naming why)"),
+        "demo": ("hf_moe.recipes.demo:DemoArguments", _demo,
+                 "build, save, reload as remote code and generate, for each architecture"),
+        "finetune": (("hf_moe.recipes.finetune:FinetuneArguments", "hf_moe.recipes.finetune:FinetuneTrainingArguments"),
+                     _finetune, "MODEL_PATH: instruction-tune with the MoE callbacks; also every TrainingArguments "
+                     "option (default data: the embedded task mixture)"),
+        "evaluate": ("hf_moe.recipes.evaluate:EvaluateArguments", _evaluate, "MODEL_PATH: perplexity, exact match per "
+                     "task family, expert specialisation"),
+        "replicate": ("hf_moe.recipes.replicate:ReplicationArguments", _replicate, "dense vs upcycled MoE vs "
+                      "upcycled Switch, equal steps on the embedded mixture (SmolLM2 start)"),
+        "check": ("hf_moe.hub.check:CheckArguments", _check,
+                  "FOLDER: is the model folder ready for the Hub? one line per problem"),
+        "publish": ("hf_moe.hub.publish:PublishArguments", _publish, "FOLDER REPO_ID: check, then upload the "
+                    "allow-listed files (--dry-run: list them)"),
+        "benchmark": ("hf_moe.recipes.benchmark_blocks:SparseBlockBenchmarkArguments", _benchmark,
+                      "time the sparse blocks against references"),
+        "benchmark-stats": ("hf_moe.recipes.benchmark_blocks:StatsOverheadArguments", _benchmark_stats,
                             "training-step time with and without the expert-statistics hooks"),
-        "benchmark-upcycle": (UpcycleBenchmarkArguments, _benchmark_upcycle,
+        "benchmark-upcycle": ("hf_moe.recipes.benchmark_upcycle:UpcycleBenchmarkArguments", _benchmark_upcycle,
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
-        "benchmark-export": (ExportBenchmarkArguments, _benchmark_export,
+        "benchmark-export": ("hf_moe.recipes.benchmark_export:ExportBenchmarkArguments", _benchmark_export,
                              "time and peak memory: streaming export vs load + save_pretrained"),
-        "benchmark-quantization": (QuantizationBenchmarkArguments, _benchmark_quantization,
-                                   "4-bit (experts included) vs bf16: weight memory, max |Δlogit|, greedy agreement, "
-                                   "forward time"),
+        "benchmark-quantization": ("hf_moe.recipes.benchmark_quantization:QuantizationBenchmarkArguments",
+                                   _benchmark_quantization, "4-bit (experts included) vs bf16: weight memory, "
+                                   "max |Δlogit|, greedy agreement, forward time"),
     }
+
+
+def _arguments_classes(spec) -> tuple[type, ...]:
+    """A command's argument dataclasses: a class, a "module:Class" string, or a tuple of them."""
+    def resolve(item):
+        if not isinstance(item, str):
+            return item
+        module, _, name = item.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    return tuple(resolve(item) for item in (spec if isinstance(spec, tuple) else (spec,)))
 
 
 @dataclass
@@ -224,25 +227,31 @@ class OutputOptions:
     debug: bool = field(default=False, metadata={"help": "show the traceback of any error (also: HF_MOE_DEBUG=1)"})
 
 
-def _shared_options(arguments_classes) -> list:
+def _shared_options(arguments_classes: tuple[type, ...]) -> list:
     """The `OutputOptions` fields a command takes: all but those its own dataclasses define (`finetune`'s
     TrainingArguments has its own `--debug`; there, HF_MOE_DEBUG=1 shows tracebacks)."""
-    classes = arguments_classes if isinstance(arguments_classes, tuple) else (arguments_classes,)
-    taken = {name for cls in classes for name in cls.__dataclass_fields__}
+    taken = {name for cls in arguments_classes for name in cls.__dataclass_fields__}
     return [option for option in fields(OutputOptions) if option.name not in taken]
 
 
 def version_line() -> str:
-    import torch
-    import transformers
-
-    return f"hf-moe {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+    # Installed versions from the package metadata: importing torch to ask it would take seconds.
+    versions = {name: importlib.metadata.version(name) for name in ("transformers", "torch")}
+    return f"hf-moe {__version__} (transformers {versions['transformers']}, torch {versions['torch']})"
 
 
 def _usage(commands: dict) -> str:
     listing = "\n".join(f"  {name:<17} {help_text}" for name, (_, _, help_text) in commands.items())
     return (f"{version_line()}\n\nusage: hf-moe {{{','.join(commands)}}} [options] [--json] [--debug]\n"
             f"       hf-moe --version\n\n{listing}\n\n`hf-moe COMMAND --help` lists a command's options.")
+
+
+def _register_model_types() -> None:
+    """`import hf_moe` registers the model types unless the `hf-moe` command imports it (see hf_moe/__init__.py), so
+    that `--help` and `--version` start instantly; a subcommand needs them, so it registers here."""
+    from . import _register
+
+    _register()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"hf-moe: error: unknown command {argv[0]!r}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     command = argv[0]
-    shared = {option.name for option in _shared_options(commands[command][0])}
+    _register_model_types()
+    shared = {option.name for option in _shared_options(_arguments_classes(commands[command][0]))}
     debug = ("debug" in shared and "--debug" in argv) or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")
     as_json = "json" in shared and "--json" in argv
     try:
@@ -284,10 +294,11 @@ def main(argv: list[str] | None = None) -> None:
 def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
     """(the subcommand's function, its parsed argument dataclasses) for `argv` = [SUBCOMMAND, options...]; the
     options every command takes (`--json`, `--debug`) are parsed and left out."""
+    from transformers import HfArgumentParser
+
     command = argv[0]
-    arguments_classes, run, help_text = (commands or _commands())[command]
-    if not isinstance(arguments_classes, tuple):  # one dataclass, or a tuple (finetune: + TrainingArguments)
-        arguments_classes = (arguments_classes,)
+    spec, run, help_text = (commands or _commands())[command]
+    arguments_classes = _arguments_classes(spec)  # one dataclass, or several (finetune: + TrainingArguments)
     shared = make_dataclass("OutputOptions", [(option.name, option.type, option)
                                               for option in _shared_options(arguments_classes)])
     parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {command}",

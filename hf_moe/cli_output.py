@@ -88,3 +88,16 @@ def render(result, as_json: bool = False) -> str:
 
 def _cut(text: str) -> str:
     return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
+
+
+def format_verification(report: dict, candidate: str = "upcycled", reference: str = "dense") -> str:
+    """A verification report for people: one summary line and a table with a row per prompt (the prompt, both
+    answers, max |Δlogit|, identical?). `reference` / `candidate`: the sample keys of the two answers."""
+    heading = (f"verification: {report['identical_generations']}/{report['inputs']} greedy generations identical, "
+               f"max |Δlogit| {report['max_abs_logit_difference']:.2g}")
+    if not report["samples"]:
+        return heading
+    columns = {"prompt": "prompt", reference: f"{reference} answer", candidate: f"{candidate} answer",
+               "max_abs_logit_difference": "max |Δlogit|", "identical": "identical?"}
+    columns = {key: name for key, name in columns.items() if key in report["samples"][0]}
+    return f"{heading}\n{table(report['samples'], columns)}"

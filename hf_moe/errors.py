@@ -24,8 +24,13 @@ class UserError(Exception):
         self.report = report
 
 
+class UnsupportedCheckpointError(ValueError):
+    """The source is not a checkpoint hf_moe can read for this purpose; the message names what is supported."""
+
+
 class OutputExistsError(UserError, FileExistsError):
-    """The output folder exists and `overwrite` is False (nothing was written)."""
+    """The output folder exists and `overwrite` is False (nothing was written). The message names the library's
+    `overwrite=True`; the command line says `--overwrite` instead (`user_message`)."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)

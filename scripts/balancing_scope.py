@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from hf_moe.training import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments, run_evaluate, run_finetune
+from hf_moe.recipes import EvaluateArguments, FinetuneArguments, FinetuneTrainingArguments, run_evaluate, run_finetune
 from hf_moe.upcycling import open_dense_checkpoint, upcycle
 
 

@@ -26,7 +26,7 @@ def tiny_config(model_type: str, **overrides):
 
 def finetune_arguments(**fields):
     """(FinetuneArguments, FinetuneTrainingArguments) of `hf-moe finetune` from one flat set of options."""
-    from hf_moe.training import FinetuneArguments, FinetuneTrainingArguments
+    from hf_moe.recipes import FinetuneArguments, FinetuneTrainingArguments
 
     own = {name: fields.pop(name) for name in list(fields) if name in FinetuneArguments.__dataclass_fields__}
     return FinetuneArguments(**own), FinetuneTrainingArguments(**fields)

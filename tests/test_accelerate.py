@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_moe.training import build_trainer
+from hf_moe.recipes import build_trainer
 
 from .conftest import finetune_arguments
 

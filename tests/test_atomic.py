@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hf_moe.atomic import atomic_output_dir
+from hf_moe.checkpoints.atomic import atomic_output_dir
 
 
 def _leftovers(parent, name):
@@ -38,7 +38,7 @@ INTERRUPTED_UPCYCLE = textwrap.dedent(
     """
     import sys, time
     from hf_moe import upcycle
-    from hf_moe.upcycling import writer
+    from hf_moe.checkpoints import safetensors_writer as writer
 
     original = writer.ShardedSafetensorsWriter.add
     def slow_add(self, name, tensor):

@@ -115,7 +115,7 @@ def test_trainer_runs_reporters_before_user_callbacks_so_add_moe_callbacks_reord
 def test_finetune_command_takes_training_arguments_and_trains_a_builtin_moe(tmp_path):
     from hf_moe.cli import parse_command
     from hf_moe.data import build_mixture
-    from hf_moe.training import evaluate_model
+    from hf_moe.recipes import evaluate_model
 
     from .conftest import byte_tokenizer
 

@@ -106,7 +106,7 @@ def test_expert_dropout_and_other_activations_keep_the_grouped_matmul_path():
 
 
 def test_block_benchmark_runs_the_chosen_rows_and_rejects_unknown_ones():
-    from hf_moe.benchmark import SparseBlockBenchmarkArguments, benchmark_sparse_blocks
+    from hf_moe.recipes.benchmark_blocks import SparseBlockBenchmarkArguments, benchmark_sparse_blocks
 
     small = dict(hidden_size=64, moe_intermediate_size=64, num_tokens=32, repeats=1, decode=False)
     rows = benchmark_sparse_blocks(SparseBlockBenchmarkArguments(**small, blocks="hf_mh_moe"))

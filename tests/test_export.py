@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from hf_moe import ExportRefusedError, export
 from hf_moe.cli import main
 from hf_moe.export import TARGETS, choose_target, load_natively
-from hf_moe.export.verify import compare, hf_moe_outputs
+from hf_moe.checkpoints.compare import compare_outputs, model_outputs
 
 from .conftest import tiny_config
 
@@ -69,7 +69,8 @@ def exported(tmp_path_factory):
     for name, (model_type, overrides, to, _) in CASES.items():
         source = _save_tiny(model_type, root / name, **overrides)
         folders[name] = export(str(source), str(root / f"{name}-native"), to=to, max_shard_size="30KB")
-        references[name] = hf_moe_outputs(source, INPUTS, MAX_NEW_TOKENS, pad_token_id=0)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        references[name] = model_outputs(model, [torch.tensor([ids]) for ids in INPUTS], MAX_NEW_TOKENS, 0)
     jobs = [dict(folder=folder, inputs=INPUTS, max_new_tokens=MAX_NEW_TOKENS, pad_token_id=0)
             for folder in folders.values()]
     natives = dict(zip(folders, load_natively(jobs), strict=True))
@@ -84,7 +85,7 @@ def test_export_loads_natively_with_the_same_function(exported, case):
     assert native["module"].startswith(f"transformers.models.{expected_target}.")
     assert not native["hf_moe_imported"]
     assert native["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
-    report = compare(references[case], native)
+    report = compare_outputs(references[case], native)
     assert report["max_abs_logit_difference"] <= 1e-5, report
     assert report["identical_generations"] == len(INPUTS), report
 

@@ -203,7 +203,7 @@ def test_corrupt_and_missing_files_give_clear_errors_and_write_nothing(tmp_path)
 
 
 def test_a_failure_while_writing_leaves_nothing_and_an_existing_folder_is_kept(tmp_path, monkeypatch):
-    from hf_moe.upcycling import writer
+    from hf_moe.checkpoints import safetensors_writer as writer
 
     source = tmp_path / "llama"
     _make_dense(source, "llama", sharded=False)

@@ -9,7 +9,7 @@ from deepspeed.utils import get_z3_leaf_modules
 
 from hf_moe.cli import parse_command
 from hf_moe.quantization.experts import expert_parameters
-from hf_moe.training import build_trainer
+from hf_moe.recipes import build_trainer
 
 _, (args, training_args) = parse_command(["finetune", *sys.argv[1:]])
 trainer = build_trainer(args, training_args)

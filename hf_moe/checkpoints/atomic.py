@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from ..errors import OutputExistsError
 
 
 def _sibling_dir(target: Path, tag: str) -> Path:

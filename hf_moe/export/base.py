@@ -87,7 +87,7 @@ def common_blockers(config) -> list[Blocker]:
 
 
 # ------------------------------------------------------------------------------------------------ config fields
-def decoder_fields(config) -> dict:
+def native_decoder_fields(config) -> dict:
     """The decoder fields every target reads with the same meaning, all written explicitly (the targets' defaults
     differ from hf_moe's: Mixtral's `rope_theta` is 1e6, its `rms_norm_eps` 1e-5, Qwen's vocabulary 151936...)."""
     rope_parameters = dict(config.rope_parameters)
@@ -152,7 +152,7 @@ class ExportTarget:
         return common_blockers(config) + self.blockers(config)
 
     def target_config(self, config) -> PreTrainedConfig:
-        target = AutoConfig.for_model(self.name, **decoder_fields(config), **self.config_fields(config))
+        target = AutoConfig.for_model(self.name, **native_decoder_fields(config), **self.config_fields(config))
         target.architectures = [self.architecture]
         return target
 

@@ -1,21 +1,18 @@
 """`export()`: stream an hf_moe model folder into a native Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint, or refuse."""
 
 import logging
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig
 
-from ..atomic import atomic_output_dir
-from ..auto import meta_model
-from ..upcycling.sources import TOKENIZER_FILES, read_weight_map, stream_tensors
-from ..upcycling.upcycle import check_complete
-from ..upcycling.writer import ShardedSafetensorsWriter, parse_size
+from ..checkpoints.names import HF_MOE_MODEL_TYPES, meta_model
+from ..checkpoints.reading import read_weight_map, resolve_folder, stream_tensors
+from ..checkpoints.writing import check_complete, write_model_folder
+from ..errors import OutputExistsError
+from ..hub.exported import write_export_card
 from .base import ExportRefusedError, ExportTarget, common_blockers, dropped_training_settings
-from .card import write_export_card
 from .mixtral import MixtralTarget
 from .qwen2_moe import Qwen2MoeTarget
 from .qwen3_moe import Qwen3MoeTarget
@@ -26,8 +23,6 @@ logger = logging.getLogger(__name__)
 # forbids it, so at most one Qwen type ever fits.
 TARGETS: dict[str, ExportTarget] = {target.name: target for target in (MixtralTarget(), Qwen3MoeTarget(),
                                                                        Qwen2MoeTarget())}
-HF_MOE_TYPES = ("hf_moe", "hf_switch", "hf_mh_moe")
-HUB_CACHE_PATH = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
 
 
 @dataclass
@@ -87,64 +82,42 @@ def choose_target(config, to: str = "auto", source: str = "the model") -> Export
                              + "\nNothing was written.")
 
 
-def _resolve_source(source: str) -> tuple[Path, str | None]:
-    """The local folder of `source` and the model's Hub id when known (never a local path)."""
-    path = Path(source)
-    if path.exists():
-        match = HUB_CACHE_PATH.search(str(path.resolve()))
-        return path, f"{match['owner']}/{match['name']}" if match else None
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source} is neither an existing folder nor a Hub id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.md", *TOKENIZER_FILES])), source
-
-
 def _load_hf_moe_config(folder: Path, source: str):
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{source}: no config.json")
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in HF_MOE_TYPES:
+    if config.model_type not in HF_MOE_MODEL_TYPES:
         raise ValueError(f"{source} is a '{config.model_type}' model, not an hf_moe model "
-                         f"(model_type one of {HF_MOE_TYPES})")
+                         f"(model_type one of {HF_MOE_MODEL_TYPES})")
     return config
-
-
-def _copy_tokenizer_and_generation_config(source: Path, staging: Path, target_config) -> None:
-    for file_name in TOKENIZER_FILES:
-        if (source / file_name).is_file():
-            shutil.copy2(source / file_name, staging / file_name)
-    if not (staging / "generation_config.json").is_file():
-        GenerationConfig.from_model_config(target_config).save_pretrained(staging)
 
 
 def run_export(args: ExportArguments) -> Path:
     """Export as described by `args`; see [`export`]."""
-    folder, hub_id = _resolve_source(args.source)
+    folder, hub_id = resolve_folder(args.source)
     config = _load_hf_moe_config(folder, args.source)
     target = choose_target(config, args.to, args.source)
     output_dir = Path(args.output_dir) if args.output_dir else Path(f"{str(args.source).rstrip('/')}-{target.name}")
     if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
+        raise OutputExistsError(output_dir)
     weight_files = read_weight_map(folder)
-    check_complete(set(weight_files), config, args.source)
-    target_config = target.target_config(config)
+    source_model = meta_model(config)
+    check_complete(set(weight_files), source_model, args.source)
     if dropped := dropped_training_settings(config):
         logger.warning("%s: training-only settings with no %s field are not carried over: %s", args.source,
                        target.name, "; ".join(dropped))
-
-    with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        writer = ShardedSafetensorsWriter(staging, parse_size(args.max_shard_size))
-        progress = tqdm(stream_tensors(weight_files), total=len(weight_files), desc=f"exporting -> {target.name}",
-                        unit="tensor")
-        for name, tensor in progress:
-            for target_name, target_tensor in target.map_tensor(name, tensor, config):
-                writer.add(target_name, target_tensor)
-        writer.finish()
-        target_config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
-        target_config.save_pretrained(staging)
-        _copy_tokenizer_and_generation_config(folder, staging, target_config)
-        write_export_card(staging, output_dir.name, config, target, meta_model(config),
-                          base_model=args.base_model or hub_id, source_folder=folder, dropped=dropped)
+    progress = tqdm(stream_tensors(weight_files), total=len(weight_files), desc=f"exporting -> {target.name}",
+                    unit="tensor")
+    tensors = (mapped for name, tensor in progress for mapped in target.map_tensor(name, tensor, config))
+    # The names on disk are the Hub's per-expert layout, not the fused one of transformers' modules: the source's
+    # names were checked above instead.
+    target_config = target.target_config(config)
+    write_model_folder(
+        output_dir, tensors, target_config, source_name=args.source, overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size, check_names=False, tokenizer_folder=folder,
+        generation_config_from=target_config,
+        finish=lambda staging, _: write_export_card(staging, output_dir.name, config, target, source_model,
+                                                    base_model=args.base_model or hub_id, source_folder=folder,
+                                                    dropped=dropped))
     logger.info("exported %s to %s (%s)", args.source, output_dir, target.name)
     return output_dir

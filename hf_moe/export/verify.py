@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_outputs, model_outputs, pad_token_id
 from ..remote_check import run_without_hf_moe
-from ..upcycling.verify import SAMPLE_PROMPTS, chat_prompt_ids
 
 _NATIVE_LOADER = textwrap.dedent(
     """
@@ -62,42 +62,25 @@ def load_natively(jobs: list[dict]) -> list[dict]:
         return run_without_hf_moe(_NATIVE_LOADER, str(jobs_path), description="loading the exported folders natively")
 
 
-@torch.no_grad()
-def hf_moe_outputs(folder: str | Path, inputs: list[list[int]], max_new_tokens: int, pad_token_id: int) -> dict:
-    """The hf_moe model's float32 logits and greedy continuations on `inputs`, in this process."""
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    logits, generations = [], []
-    for ids in inputs:
-        ids = torch.tensor([ids])
-        logits.append(model(input_ids=ids).logits)
-        generated = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
-        generations.append(generated[0, ids.shape[1]:].tolist())
-    return dict(logits=logits, generations=generations)
-
-
-def compare(reference: dict, exported: dict) -> dict:
-    """max |Δlogit| over all inputs and positions, and how many greedy continuations are identical."""
-    differences = [(a - b).abs().max().item() for a, b in zip(reference["logits"], exported["logits"], strict=True)]
-    identical = [a == b for a, b in zip(reference["generations"], exported["generations"], strict=True)]
-    return dict(max_abs_logit_difference=max(differences), identical_generations=sum(identical),
-                inputs=len(identical), per_input_difference=differences, per_input_identical=identical)
-
-
 def verify_export(hf_moe_folder: str | Path, exported_folder: str | Path, prompts=SAMPLE_PROMPTS,
                   max_new_tokens: int = 24) -> dict:
     """The hf_moe folder in this process against the export loaded natively in a process without hf_moe, on
     `prompts` (chat-formatted with the folder's tokenizer): max |Δlogit|, identical greedy answers, loading info."""
     tokenizer = AutoTokenizer.from_pretrained(hf_moe_folder)
-    inputs = [chat_prompt_ids(tokenizer, prompt)[0].tolist() for prompt in prompts]
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    reference = hf_moe_outputs(hf_moe_folder, inputs, max_new_tokens, pad_token_id)
-    (exported,) = load_natively([dict(folder=exported_folder, inputs=inputs, max_new_tokens=max_new_tokens,
-                                      pad_token_id=pad_token_id)])
-    report = compare(reference, exported)
+    inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
+    pad = pad_token_id(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(hf_moe_folder, dtype=torch.float32).eval()
+    reference = model_outputs(model, inputs, max_new_tokens, pad)
+    (exported,) = load_natively([dict(folder=exported_folder, inputs=[ids[0].tolist() for ids in inputs],
+                                      max_new_tokens=max_new_tokens, pad_token_id=pad)])
+    report = compare_outputs(reference, exported)
     report.update(loaded_class=exported["class"], loading_info=exported["loading_info"],
                   hf_moe_imported=exported["hf_moe_imported"])
     report["samples"] = [dict(prompt=prompt, hf_moe=tokenizer.decode(a, skip_special_tokens=True),
-                              exported=tokenizer.decode(b, skip_special_tokens=True))
-                         for prompt, a, b in zip(prompts, reference["generations"], exported["generations"],
-                                                 strict=True)]
+                              exported=tokenizer.decode(b, skip_special_tokens=True), max_abs_logit_difference=d,
+                              identical=same)
+                         for prompt, a, b, d, same in zip(prompts, report.pop("reference_generations"),
+                                                          report.pop("candidate_generations"),
+                                                          report["per_input_difference"],
+                                                          report["per_input_identical"], strict=True)]
     return report

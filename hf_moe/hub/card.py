@@ -19,7 +19,9 @@ from .lineage import Lineage
 CARD_MARKER = "<!-- hf_moe model card -->"
 ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch Transformer (top-1)",
                       "hf_mh_moe": "Multi-Head Mixture-of-Experts"}
-KIND_TAGS = {"upcycled": "upcycled", "fine-tuned": "fine-tuned", "saved": None}
+KIND_TAGS = {"upcycled": "upcycled", "fine-tuned": "fine-tuned", "saved": None, "exported": "exported"}
+# hf_moe is not on PyPI: cards name it without a link (a link must not point to a page that does not exist).
+HF_MOE = "hf_moe"
 LIMITATIONS = [
     "The routing and expert code runs from the two `.py` files in this repository when loaded with "
     "`trust_remote_code=True`; read them before loading.",
@@ -28,6 +30,8 @@ LIMITATIONS = [
 KIND_LIMITATIONS = {
     "upcycled": "The router is new: at initialisation the model mirrors the dense model and it is meant to be "
                 "trained further before the experts specialise.",
+    "exported": "Exact in float32. In bfloat16/float16 the native routers compute their logits in the model dtype "
+                "where hf_moe uses float32, so tokens near a routing tie can pick another expert.",
     "fine-tuned": "Fine-tuned with a short recipe (see Training); check the evaluation on your own task first.",
 }
 
@@ -127,16 +131,20 @@ def _summary(kind: str, config, lineage: Lineage) -> str:
     made = {"upcycled": "upcycled from the dense model {} (sparse upcycling, arXiv 2212.05055)",
             "fine-tuned": "fine-tuned from {} with the stock `transformers.Trainer` and hf_moe's MoE callbacks",
             "saved": "derived from {}"}[kind]
-    text = f"A **{architecture}** model built with [hf_moe](https://pypi.org/project/hf-moe/)"
+    text = f"A **{architecture}** model built with {HF_MOE}"
     return text + (", " + made.format(parent) if parent else "") + "."
 
 
 def render_card(kind: str, config, *, model, model_name: str, lineage: Lineage | None = None,
                 upcycling: dict | None = None, training: dict | None = None, command: str | None = None,
-                datasets: list[str] | None = None, extra_tags: tuple[str, ...] = ()) -> ModelCard:
+                datasets: list[str] | None = None, extra_tags: tuple[str, ...] = (),
+                summary: str | None = None, architecture: list[tuple[str, str]] | None = None,
+                limitations: list[str] | None = None) -> ModelCard:
     """The model card of an hf_moe model folder.
 
-    `kind`: "upcycled", "fine-tuned" or "saved"; `model`: the model (a meta-device instance is enough) for the
+    `kind`: "upcycled", "fine-tuned", "saved" or "exported" (a native checkpoint: loaded without remote code);
+    `summary` / `architecture` / `limitations` replace the defaults of `kind`; `model`: the model (a meta-device
+    instance is enough) for the
     parameter counts; `upcycling` / `training`: the optional sections ({"rows": [(label, value)], "equivalence": str}
     and {"recipe": [...], "heatmap": relative path, "load_rows": [...], "load_step": int}); `command`: the command
     that made the folder.
@@ -150,10 +158,14 @@ def render_card(kind: str, config, *, model, model_name: str, lineage: Lineage |
     lineage = lineage or Lineage()
     data = card_metadata(kind, config, lineage, datasets, extra_tags)
     template = resources.files("hf_moe.model_cards").joinpath("model_card.md").read_text()
-    limitations = [*([KIND_LIMITATIONS[kind]] if kind in KIND_LIMITATIONS else []), *LIMITATIONS]
+    remote_code = kind != "exported"
+    if limitations is None:
+        limitations = [*([KIND_LIMITATIONS[kind]] if kind in KIND_LIMITATIONS else []),
+                       *(LIMITATIONS if remote_code else LIMITATIONS[1:])]
     return ModelCard.from_template(
         data, template_str=template, model_name=model_name, model_id=model_name, model_type=config.model_type,
-        summary=_summary(kind, config, lineage), architecture=architecture_rows(config, model),
+        summary=summary or _summary(kind, config, lineage),
+        architecture=architecture or architecture_rows(config, model), remote_code=remote_code,
         upcycling=upcycling, training=training, command=command, limitations=limitations,
     )
 

@@ -8,15 +8,13 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard
 
-from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
+from ..checkpoints.names import CODE_MODULES, CONFIG_CLASSES
 from ..modeling.modeling_hf_moe import auto_map_for
 
-CODE_MODULES = (configuration_hf_moe, modeling_hf_moe)
 # Pickle / TF / Flax model weights (training state such as training_args.bin or optimizer.pt is not weights: publish
 # leaves it out by its allow-list).
 FOREIGN_WEIGHTS = ("pytorch_model*.bin", "model*.bin", "model*.pt", "model*.pth", "consolidated*.pth", "*.ckpt",
                    "*.h5", "*.msgpack")
-CONFIGS_BY_TYPE = {config_class.model_type: config_class for config_class in MODEL_CLASSES}
 
 
 @dataclass(frozen=True)
@@ -58,10 +56,10 @@ def _check_config(folder: Path) -> tuple[dict | None, list[Problem]]:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         return None, [Problem("error", f"{path}: not valid JSON ({error})")]
-    config_class = CONFIGS_BY_TYPE.get(config.get("model_type"))
+    config_class = CONFIG_CLASSES.get(config.get("model_type"))
     if config_class is None:
         return config, [Problem("error", f"config.json: model_type {config.get('model_type')!r} is not an hf_moe "
-                                         f"type ({', '.join(CONFIGS_BY_TYPE)})")]
+                                         f"type ({', '.join(CONFIG_CLASSES)})")]
     expected = auto_map_for(config_class)
     auto_map = config.get("auto_map")
     if not auto_map:

@@ -1,15 +1,11 @@
 """Where a model comes from, as the Hub understands it: the parent's Hub id (never a local path) and its license."""
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
-# A folder inside the huggingface_hub cache: .../models--owner--name/snapshots/<revision>
-_HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+from ..checkpoints.names import hub_id
 
 
 @dataclass
@@ -20,23 +16,6 @@ class Lineage:
     base_model: str | None = None
     license: str | None = None
     parent: str | None = None
-
-
-def hub_id(source: str | Path | None) -> str | None:
-    """The Hub id `source` stands for: an `owner/name` that is not a local path, or a folder of the Hub cache."""
-    if source is None:
-        return None
-    cached = _HUB_CACHE_SNAPSHOT.search(Path(source).absolute().as_posix())
-    if cached:
-        return f"{cached['owner']}/{cached['name']}"
-    text = str(source)
-    if Path(text).exists() or text.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return None
-    return text
 
 
 def local_card(folder: str | Path) -> ModelCard | None:

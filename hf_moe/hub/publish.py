@@ -8,17 +8,14 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..checkpoints.names import CODE_FILES, TOKENIZER_FILES
 from .card import with_model_id
 from .check import check_folder, raise_for_problems
 
 # Root-level files of a model repo; everything else (training_args.bin, optimizer / scheduler / rng states,
 # checkpoint-*/, runs/, expert_load/ except the images the card shows) stays local.
-ALLOWED_FILES = (
-    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "configuration_hf_moe.py", "modeling_hf_moe.py", "README.md",
-)
+ALLOWED_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES, *CODE_FILES,
+                 "README.md")
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 IMAGE_LINK = re.compile(r"!\[[^\]]*\]\((?P<markdown>[^)\s]+)[^)]*\)|<img[^>]*\bsrc=\"(?P<html>[^\"]+)\"")
 

@@ -6,10 +6,12 @@
   hf_moe card keeps it;
 - `trainer.push_to_hub()` with `ExpertStatsCallback` uploads the fine-tuned card instead of the Trainer's.
 
-The first two go through `MoePreTrainedModel.model_card_writer` (modeling/, set by `import hf_moe`), the third through
-`ExpertStatsCallback.on_push_begin`.
+The first two are installed on the hf_moe model classes by `install_card_hooks()` (run by `import hf_moe`; the
+modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers' card), the third
+by `use_training_card_on_push` (from `ExpertStatsCallback.on_push_begin`).
 """
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -28,8 +30,8 @@ def saved_card(model, model_name: str) -> ModelCard:
 
 
 def write_card_on_save(model, folder, repo_id: str | None = None) -> None:
-    """`MoePreTrainedModel.model_card_writer`: called after `save_pretrained` (repo_id None) and before a push
-    uploads `folder` (transformers has just written its own README.md there)."""
+    """Called after `save_pretrained` (repo_id None) and before a push uploads `folder` (transformers has just
+    written its own README.md there)."""
     folder = Path(folder)
     readme = folder / "README.md"
     if repo_id is None:
@@ -65,8 +67,32 @@ def use_training_card_on_push(trainer) -> None:
     trainer.create_model_card = create_model_card
 
 
-def register_model_card_writer() -> None:
-    """Run by `import hf_moe`: the hf_moe model classes write hf_moe cards on save and push."""
+def install_card_hooks() -> None:
+    """Run by `import hf_moe`: the hf_moe model classes write hf_moe cards on save and push (idempotent)."""
     from ..modeling.modeling_hf_moe import MoePreTrainedModel
 
-    MoePreTrainedModel.model_card_writer = write_card_on_save
+    if "_hf_moe_card_hooks" in vars(MoePreTrainedModel):
+        return
+    save_pretrained = MoePreTrainedModel.save_pretrained
+    upload_modified_files = MoePreTrainedModel._upload_modified_files
+
+    # Hook 1, `save_pretrained` (public): a folder saved from memory gets an hf_moe card when it has none.
+    @functools.wraps(save_pretrained)
+    def save_pretrained_with_card(self, save_directory, *args, **kwargs):
+        result = save_pretrained(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_card_on_save(self, save_directory)
+        return result
+
+    # Hook 2, `PushToHubMixin._upload_modified_files` (private, transformers 5.23-5.24; pinned by
+    # tests/test_hub.py::test_model_push_to_hub_uploads_the_hf_moe_card_and_code): both push paths (`push_to_hub`,
+    # `save_pretrained(push_to_hub=True)`) write transformers' generic README.md after saving and just before this
+    # upload step, and no public hook sits in between, so hf_moe's card replaces it here.
+    @functools.wraps(upload_modified_files)
+    def upload_with_card(self, working_dir, repo_id, *args, **kwargs):
+        write_card_on_save(self, working_dir, repo_id=repo_id)
+        return upload_modified_files(self, working_dir, repo_id, *args, **kwargs)
+
+    MoePreTrainedModel.save_pretrained = save_pretrained_with_card
+    MoePreTrainedModel._upload_modified_files = upload_with_card
+    MoePreTrainedModel._hf_moe_card_hooks = True

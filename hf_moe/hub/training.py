@@ -5,7 +5,8 @@ import re
 from pathlib import Path
 
 from .card import command_line, render_card, write_card
-from .lineage import hub_id, lineage_of
+from ..checkpoints.names import hub_id
+from .lineage import lineage_of
 
 _LAYER_KEY = re.compile(r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|router_entropy|dropped_fraction)")
 _HEATMAP = re.compile(r"expert_load_step(?P<step>\d+)\.png")

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from .card import command_line, render_card, write_card
-from .lineage import Lineage, gguf_license, hub_id, lineage_of
+from ..checkpoints.names import hub_id
+from .lineage import Lineage, gguf_license, lineage_of
 
 
 def source_lineage(dense) -> Lineage:
@@ -21,8 +22,23 @@ def source_lineage(dense) -> Lineage:
     return lineage
 
 
-def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype: str) -> Path:
-    """Render and write the README.md of an upcycled folder (`args`: the `UpcycleArguments`)."""
+def routing_accuracy_markdown(experts: list[str], report: dict) -> str:
+    """The routing-accuracy table of a mixed model (`report`: `hf_moe.upcycling.mixing.routing_accuracy`)."""
+    first, best = report["first_layer"], report["best_layer"]
+    lines = ["## Routing accuracy", "",
+             "Share of each expert's held-out domain prompts whose top expert (router probabilities averaged over "
+             "the prompt) is that expert or a copy of it.", "",
+             f"| expert | source | held-out prompts | layer {first} | best layer ({best}) |", "|---|---|---|---|---|"]
+    for i, source in enumerate(experts):
+        lines.append(f"| {i} | `{source}` | {report['heldout_prompts'][i]} | "
+                     f"{report['layers'][first][i]:.0%} | {report['layers'][best][i]:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype: str,
+                        routing_accuracy: dict | None = None) -> Path:
+    """Render and write the README.md of an upcycled or mixed folder (`args`: the `UpcycleArguments`;
+    `routing_accuracy`: a mixed model's held-out routing accuracy, shown as a table)."""
     init = args.expert_init
     if getattr(args, "experts", None):
         init = f"expert i's MLP from source i ({', '.join(f'`{source}`' for source in args.experts)}); " \
@@ -42,6 +58,9 @@ def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype
     rows = [("dense source", f"`{lineage.parent}` ({dense.config.model_type})"),
             ("expert init", init), ("router init", args.router_init), ("weights dtype", dtype),
             ("seed", str(args.seed))]
+    upcycling = {"rows": rows, "equivalence": equivalence}
+    if routing_accuracy is not None:
+        upcycling["routing_accuracy"] = routing_accuracy_markdown(args.experts, routing_accuracy)
     card = render_card("upcycled", model.config, model=model, model_name=model_name, lineage=lineage,
-                       upcycling={"rows": rows, "equivalence": equivalence}, command=command_line())
+                       upcycling=upcycling, command=command_line())
     return write_card(folder, card)

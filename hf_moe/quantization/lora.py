@@ -112,7 +112,7 @@ def merge_lora(base_path: str | Path, adapter_path: str | Path, output_dir: str 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..atomic import atomic_output_dir
+    from ..checkpoints.atomic import atomic_output_dir
 
     patch_peft_for_parametrized_parameters()
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -123,23 +123,3 @@ def merge_lora(base_path: str | Path, adapter_path: str | Path, output_dir: str 
         if (Path(tokenizer_source) / "tokenizer_config.json").exists():
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(folder)
     return Path(output_dir)
-
-
-def load_for_finetuning(model_path: str, load_in_4bit: bool = False, lora_r: int = 0,
-                        lora_targets="attention,experts", lora_alpha: int | None = None):
-    """The model `hf-moe finetune` trains: full precision, or 4-bit (experts included) for QLoRA; wrapped with LoRA
-    adapters on `lora_targets` when `lora_r > 0`."""
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if load_in_4bit and lora_r <= 0:
-        raise ValueError("`load_in_4bit` needs LoRA adapters to train (a 4-bit base is frozen): pass `lora_r` > 0")
-    quantization_config = None
-    if load_in_4bit:
-        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
-                                                 quantization_config=quantization_config)
-    if lora_r > 0:
-        model = attach_moe_lora(model, lora_r, lora_targets, lora_alpha)
-    return model

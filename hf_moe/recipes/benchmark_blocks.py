@@ -14,8 +14,8 @@ from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from .modeling import MHMoeConfig, MoeConfig, SwitchConfig, mh_moe_matched_config
-from .modeling.modeling_hf_moe import MHMoeSparseBlock, MoeMLP, MoeSparseBlock
+from ..modeling import MHMoeConfig, MoeConfig, SwitchConfig, mh_moe_matched_config
+from ..modeling.modeling_hf_moe import MHMoeSparseBlock, MoeMLP, MoeSparseBlock
 
 
 @dataclass
@@ -184,7 +184,7 @@ def benchmark_stats_overhead(args: StatsOverheadArguments) -> dict:
     config = MoeConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                        intermediate_size=args.hidden_size * 3, num_hidden_layers=args.num_hidden_layers,
                        num_attention_heads=max(1, args.hidden_size // 64), num_experts=args.num_experts)
-    from .modeling import MoeForCausalLM
+    from ..modeling import MoeForCausalLM
 
     model = MoeForCausalLM(config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -224,7 +224,7 @@ class DecodeBenchmarkArguments:
 
 
 def _decode_config(model_type: str, args: DecodeBenchmarkArguments):
-    from .modeling import MODEL_CLASSES
+    from ..modeling import MODEL_CLASSES
 
     config_class = next(cls for cls in MODEL_CLASSES if cls.model_type == model_type)
     fields = dict(vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 3,

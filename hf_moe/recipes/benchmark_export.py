@@ -12,8 +12,8 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
-from ..upcycling.benchmark import _read_through
-from .export import TARGETS, ExportArguments, run_export
+from ..export import TARGETS, ExportArguments, run_export
+from .benchmark_upcycle import read_through
 
 
 @dataclass
@@ -41,7 +41,7 @@ def export_in_memory(source: str, output_dir: str, to: str, shard_size: str) -> 
 
 _PROBE = (
     "import json, resource, sys, time\n"
-    "from hf_moe.export import benchmark\n"
+    "from hf_moe.recipes import benchmark_export as benchmark\n"
     "start = time.perf_counter()\n"
     "getattr(benchmark, sys.argv[1])(*sys.argv[2:])\n"
     "print(json.dumps({'seconds': time.perf_counter() - start,\n"
@@ -50,7 +50,7 @@ _PROBE = (
 
 
 def _measure(function: str, source: Path, output: Path, args: ExportBenchmarkArguments) -> dict:
-    _read_through(source)  # both approaches start with the checkpoint in the page cache
+    read_through(source)  # both approaches start with the checkpoint in the page cache
     completed = subprocess.run([sys.executable, "-c", _PROBE, function, str(source), str(output), args.to,
                                 args.shard_size], capture_output=True, text=True)
     if completed.returncode != 0:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from ..upcycling.verify import SAMPLE_PROMPTS, chat_prompt_ids
-from .experts import unquantized_expert_parameters
-from .memory import resident_weight_bytes
+from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_models, pad_token_id
+from ..quantization.experts import unquantized_expert_parameters
+from ..quantization.memory import resident_weight_bytes
 
 
 @dataclass
@@ -57,8 +57,8 @@ def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
     left = unquantized_expert_parameters(quantized)
     if left:
         raise RuntimeError(f"expert tensors left in full precision: {left}")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    agreement = compare_models(reference, quantized, inputs, args.max_new_tokens, pad)
+    pad = pad_token_id(tokenizer)
+    agreement = agreement_row(reference, quantized, inputs, args.max_new_tokens, pad)
     rows = [{"precision": name, "weight_MiB": round(resident_weight_bytes(model) / 2**20, 1),
              "forward_s": round(_forward_seconds(model, inputs, args.repeats), 4)} for name, model in models.items()]
     return {
@@ -77,26 +77,14 @@ def _dense_reference(dense_path: str, quantization_config, inputs, max_new_token
     dense = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16).eval()
     dense_4bit = AutoModelForCausalLM.from_pretrained(dense_path, dtype=torch.bfloat16,
                                                       quantization_config=quantization_config).eval()
-    return {"dense_4bit_vs_bf16": compare_models(dense, dense_4bit, inputs, max_new_tokens, pad),
-            "upcycled_4bit_vs_dense_4bit": compare_models(dense_4bit, quantized_moe, inputs, max_new_tokens, pad)}
+    return {"dense_4bit_vs_bf16": agreement_row(dense, dense_4bit, inputs, max_new_tokens, pad),
+            "upcycled_4bit_vs_dense_4bit": agreement_row(dense_4bit, quantized_moe, inputs, max_new_tokens, pad)}
 
 
-def compare_models(reference, candidate, inputs: list[torch.Tensor], max_new_tokens: int, pad: int) -> dict:
-    """Max |Δlogit| over all positions, next-token argmax agreement, and greedy generations of `candidate` against
-    `reference` on `inputs` (one prompt per tensor)."""
-    worst, same_argmax, positions, identical, same_tokens, total_tokens = 0.0, 0, 0, 0, 0, 0
-    for ids in inputs:
-        reference_logits, candidate_logits = (model(input_ids=ids).logits.float() for model in (reference, candidate))
-        worst = max(worst, (reference_logits - candidate_logits).abs().max().item())
-        same_argmax += (reference_logits.argmax(-1) == candidate_logits.argmax(-1)).sum().item()
-        positions += ids.shape[1]
-        answers = [model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=pad)[0, ids.shape[1]:] for model in (reference, candidate)]
-        identical += torch.equal(*answers)
-        length = min(len(answer) for answer in answers)
-        same_tokens += (answers[0][:length] == answers[1][:length]).sum().item()
-        total_tokens += max(len(answer) for answer in answers)
-    return {"max_abs_logit_difference": round(worst, 4), "next_token_argmax_agreement": round(same_argmax / positions, 3),
-            "identical_greedy_generations": f"{identical}/{len(inputs)}",
-            "greedy_token_agreement": round(same_tokens / total_tokens, 3)}
-
+def agreement_row(reference, candidate, inputs: list[torch.Tensor], max_new_tokens: int, pad: int) -> dict:
+    """`compare_models` of `candidate` against `reference`, rounded for the report."""
+    report = compare_models(reference, candidate, inputs, max_new_tokens, pad)
+    return {"max_abs_logit_difference": round(report["max_abs_logit_difference"], 4),
+            "next_token_argmax_agreement": round(report["next_token_argmax_agreement"], 3),
+            "identical_greedy_generations": f"{report['identical_generations']}/{report['inputs']}",
+            "greedy_token_agreement": round(report["greedy_token_agreement"], 3)}

@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from ..auto import meta_model
-from .upcycle import UpcycleArguments, check_complete, prepare, run_upcycle, upcycled_tensors
-from .writer import ShardedSafetensorsWriter, parse_size
+from ..checkpoints.names import meta_model
+from ..checkpoints.safetensors_writer import ShardedSafetensorsWriter, parse_size
+from ..checkpoints.writing import check_complete
+from ..upcycling.arguments import UpcycleArguments, prepare
+from ..upcycling.upcycle import run_upcycle, upcycled_tensors
 
 
 @dataclass
@@ -59,14 +61,14 @@ def upcycle_in_memory(source: str, output_dir: str, num_experts: int, shard_size
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     state = dict(upcycled_tensors(dense.state_dict().items(), config, args))
     model = meta_model(config)
-    check_complete(set(state), config, source, model)
+    check_complete(set(state), model, source)
     model.load_state_dict(state, assign=True)
     model.save_pretrained(output_dir, max_shard_size=shard_size)
 
 
 _PROBE = (
     "import json, resource, sys, time\n"
-    "from hf_moe.upcycling import benchmark\n"
+    "from hf_moe.recipes import benchmark_upcycle as benchmark\n"
     "start = time.perf_counter()\n"
     "getattr(benchmark, sys.argv[1])(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])\n"
     "print(json.dumps({'seconds': time.perf_counter() - start,\n"
@@ -74,7 +76,7 @@ _PROBE = (
 )
 
 
-def _read_through(folder: Path) -> None:
+def read_through(folder: Path) -> None:
     """Read every file once so both approaches start with the dense checkpoint in the page cache."""
     for path in folder.iterdir():
         with path.open("rb") as handle:
@@ -83,7 +85,7 @@ def _read_through(folder: Path) -> None:
 
 
 def _measure(function: str, source: Path, output: Path, args: UpcycleBenchmarkArguments) -> dict:
-    _read_through(source)
+    read_through(source)
     completed = subprocess.run([sys.executable, "-c", _PROBE, function, str(source), str(output),
                                 str(args.num_experts), args.shard_size], capture_output=True, text=True)
     if completed.returncode != 0:

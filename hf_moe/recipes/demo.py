@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .atomic import atomic_output_dir
-from .remote_check import load_as_remote_code
+from ..checkpoints.atomic import atomic_output_dir
+from ..checkpoints.compare import compare_outputs
+from ..remote_check import load_as_remote_code
 
 DEMO_DECODER = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, num_experts=8, pad_token_id=0)
@@ -39,13 +40,15 @@ def run_demo(args: DemoArguments) -> list[dict]:
             logits = model(input_ids=input_ids).logits
         generated = model.generate(input_ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
         remote = load_as_remote_code(folder, input_ids, max_new_tokens=10)
+        comparison = compare_outputs({"logits": [logits], "generations": [generated.tolist()]},
+                                     {"logits": [remote["logits"]], "generations": [remote["generated"].tolist()]})
         results.append(dict(
             model_type=model_type,
             folder=str(folder),
             parameters=sum(p.numel() for p in model.parameters()),
             remote_class=remote["classes"][0],
-            max_abs_logit_difference=(remote["logits"] - logits).abs().max().item(),
-            generations_identical=bool(torch.equal(remote["generated"], generated)),
+            max_abs_logit_difference=comparison["max_abs_logit_difference"],
+            generations_identical=comparison["identical_generations"] == 1,
             generated_ids=generated[0, -10:].tolist(),
         ))
     return results

@@ -14,8 +14,8 @@ from ..data import build_mixture
 from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
 from ..hub.evaluation import record_evaluation
 from ..metrics import EXACT_MATCH_PATH
-from .heatmap import save_load_heatmap
-from .router_stats import RouterStatsRecorder
+from ..training.heatmap import save_load_heatmap
+from ..training.router_stats import RouterStatsRecorder
 
 
 @dataclass

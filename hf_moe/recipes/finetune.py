@@ -17,11 +17,11 @@ from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
-from ..quantization.lora import load_for_finetuning
-from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
-from .freezing import freeze_moe
-from .optimizer_step import OptimizerStepCallback
-from .rollback import train_with_rollback
+from ..quantization.lora import attach_moe_lora
+from ..training.callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
+from ..training.freezing import freeze_moe
+from ..training.optimizer_step import OptimizerStepCallback
+from ..training.rollback import train_with_rollback
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +126,23 @@ def run_finetune(args: FinetuneArguments, training_args: TrainingArguments) -> P
         f"the embedded hf_moe task mixture ({args.train_per_family} training examples per family)"))
     logger.info("training done: %s", result.metrics)
     return Path(training_args.output_dir)
+
+
+def load_for_finetuning(model_path: str, load_in_4bit: bool = False, lora_r: int = 0,
+                        lora_targets="attention,experts", lora_alpha: int | None = None):
+    """The model `hf-moe finetune` trains: full precision, or 4-bit (experts included) for QLoRA; wrapped with LoRA
+    adapters on `lora_targets` when `lora_r > 0`."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if load_in_4bit and lora_r <= 0:
+        raise ValueError("`load_in_4bit` needs LoRA adapters to train (a 4-bit base is frozen): pass `lora_r` > 0")
+    quantization_config = None
+    if load_in_4bit:
+        quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 quantization_config=quantization_config)
+    if lora_r > 0:
+        model = attach_moe_lora(model, lora_r, lora_targets, lora_alpha)
+    return model

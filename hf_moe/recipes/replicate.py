@@ -8,9 +8,9 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from ..auto import meta_model
+from ..checkpoints.names import meta_model
 from ..upcycling import open_dense_checkpoint, upcycle
-from .evaluation import EvaluateArguments, run_evaluate
+from .evaluate import EvaluateArguments, run_evaluate
 from .finetune import FinetuneArguments, FinetuneTrainingArguments, run_finetune
 
 

@@ -1,10 +1,7 @@
-"""Training MoE models with the stock `transformers.Trainer` (and TRL): callbacks, guards, freezing, instruction
-tuning."""
+"""Add-ons for the stock `transformers.Trainer` (and TRL) on MoE models: callbacks, guards, freezing, rollback."""
 
 from ..moe_layers import find_moe_layers, find_routers
 from .callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks, all_gradients_finite
-from .evaluation import EvaluateArguments, evaluate_model, run_evaluate
-from .finetune import FinetuneArguments, FinetuneTrainingArguments, build_trainer, run_finetune
 from .freezing import freeze_moe
 from .optimizer_step import OptimizerStepCallback
 from .rollback import train_with_rollback
@@ -12,5 +9,4 @@ from .router_stats import RouterStatsRecorder
 
 __all__ = ["ExpertStatsCallback", "NonFiniteGuardCallback", "OptimizerStepCallback", "add_moe_callbacks",
            "all_gradients_finite", "freeze_moe", "train_with_rollback", "RouterStatsRecorder", "find_routers",
-           "find_moe_layers", "FinetuneArguments", "FinetuneTrainingArguments", "build_trainer", "run_finetune",
-           "EvaluateArguments", "evaluate_model", "run_evaluate"]
+           "find_moe_layers"]

@@ -3,9 +3,10 @@ chosen by the user."""
 
 from transformers import PreTrainedConfig
 
-from ..modeling import MHMoeConfig, MoeConfig, SwitchConfig
+from ..checkpoints.names import CONFIG_CLASSES
+from ..modeling import MoeConfig
 
-ARCHITECTURES = {"hf_moe": MoeConfig, "hf_switch": SwitchConfig, "hf_mh_moe": MHMoeConfig}
+ARCHITECTURES = CONFIG_CLASSES  # model type -> config class: hf_moe, hf_switch, hf_mh_moe
 
 
 def parse_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int]:
@@ -28,7 +29,7 @@ def parse_moe_layers(moe_layers: str | list[int], num_layers: int) -> list[int]:
     return sorted(set(indices))
 
 
-def decoder_fields(dense: PreTrainedConfig) -> dict:
+def dense_decoder_fields(dense: PreTrainedConfig) -> dict:
     """The decoder fields of an hf_moe config that reproduce `dense` (llama, mistral, qwen2 or qwen3) exactly."""
     model_type = dense.model_type
     attention_bias = bool(getattr(dense, "attention_bias", False))
@@ -73,7 +74,7 @@ def upcycled_config(dense: PreTrainedConfig, arch: str, num_experts: int, top_k:
     straight-through top-1 weight (value 1, router gradient kept)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"`arch`={arch!r} is invalid: choose one of {tuple(ARCHITECTURES)}")
-    fields = decoder_fields(dense)
+    fields = dense_decoder_fields(dense)
     fields.update(num_experts=num_experts, num_experts_per_tok=top_k, sparse_layers=sparse_layers,
                   moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True, eval_capacity_factor=None,
                   capacity_factor=capacity_factor,

@@ -9,7 +9,7 @@ import torch
 EXPERT_INITS = ("copy", "drop_upcycle", "split")
 
 
-def _fuse(gates: torch.Tensor, ups: torch.Tensor, downs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_experts(gates: torch.Tensor, ups: torch.Tensor, downs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(E, I, H), (E, I, H), (E, H, I) -> gate_up (E, 2I, H), down (E, H, I)."""
     return torch.cat([gates, ups], dim=1).contiguous(), downs.contiguous()
 
@@ -27,7 +27,7 @@ def copy_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num_e
         for copy, original in zip(copies, (gate, up, down), strict=True):
             noise = torch.randn(copy.shape, generator=generator, dtype=torch.float32)
             copy.add_((noise * noise_std * original.float().std()).to(copy.dtype))
-    return _fuse(*copies)
+    return fuse_experts(*copies)
 
 
 def drop_upcycle_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num_experts: int,
@@ -58,7 +58,7 @@ def drop_upcycle_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tenso
         u[dropped] = fresh((num_dropped, up.shape[1]), statistics[1]).to(u.dtype)
         d[:, dropped] = fresh((down.shape[0], num_dropped), statistics[2]).to(d.dtype)
         gates.append(g), ups.append(u), downs.append(d)
-    return _fuse(torch.stack(gates), torch.stack(ups), torch.stack(downs))
+    return fuse_experts(torch.stack(gates), torch.stack(ups), torch.stack(downs))
 
 
 def split_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num_experts: int, granularity: int,
@@ -79,7 +79,7 @@ def split_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num_
     gates = torch.stack([gate[g * shard:(g + 1) * shard] for g in range(granularity)] * copies)
     ups = torch.stack([up[g * shard:(g + 1) * shard] for g in range(granularity)] * copies)
     downs = torch.stack([down[:, g * shard:(g + 1) * shard] for g in range(granularity)] * copies)
-    return _fuse(gates, ups, downs * output_scale)
+    return fuse_experts(gates, ups, downs * output_scale)
 
 
 def split_output_scale(num_experts: int, granularity: int, top_k: int, normalized: bool) -> float:
@@ -112,4 +112,4 @@ def mh_moe_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, num
     gates = torch.stack([gate[:, b * width:(b + 1) * width] for b in blocks])
     ups = torch.stack([up[:, b * width:(b + 1) * width] for b in blocks])
     downs = torch.stack([down[b * width:(b + 1) * width] for b in blocks])
-    return _fuse(gates, ups, downs)
+    return fuse_experts(gates, ups, downs)

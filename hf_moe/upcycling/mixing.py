@@ -16,20 +16,18 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from ..atomic import atomic_output_dir
-from .config_mapping import decoder_fields
-from .experts import _fuse
+from ..checkpoints.names import DENSE_MLP_WEIGHT, SparseBlockNames
+from ..checkpoints.reading import DenseCheckpoint
+from ..checkpoints.writing import write_model_folder
+from ..errors import UnsupportedCheckpointError
+from ..hub.upcycled import write_upcycled_card
+from .arguments import output_dtype, prepare
+from .config_mapping import dense_decoder_fields
+from .experts import fuse_experts
 from .routers import calibration_routers, random_router, zeros_router
-from .sources import DenseCheckpoint, UnsupportedCheckpointError, open_dense_checkpoint
-from .upcycle import (
-    MLP_WEIGHT,
-    output_dtype,
-    prepare,
-    write_model_folder,
-)
+from .sources import open_dense_checkpoint
 
 logger = logging.getLogger(__name__)
-MERGE_MODES = ("base", "average")
 MIX_FILE = "mixing.json"
 
 
@@ -64,7 +62,7 @@ def open_sources(base: DenseCheckpoint, experts: list[str], gguf_file: str | Non
     """Open every distinct expert source and check it against the base: same model type and decoder config, same
     tensor names and shapes. Raises `UnsupportedCheckpointError` naming the source and the field or tensor."""
     base_reader = SourceReader(base)
-    base_fields = decoder_fields(base.config)
+    base_fields = dense_decoder_fields(base.config)
     base_names = set(base.tensor_names)
     readers = {}
     for source in dict.fromkeys(experts):
@@ -76,7 +74,7 @@ def open_sources(base: DenseCheckpoint, experts: list[str], gguf_file: str | Non
             raise UnsupportedCheckpointError(
                 f"expert source {source}: model type '{checkpoint.config.model_type}' differs from the base's "
                 f"'{base.config.model_type}' ({base.name}); all sources must be fine-tunes of one base")
-        fields = decoder_fields(checkpoint.config)
+        fields = dense_decoder_fields(checkpoint.config)
         for key, value in base_fields.items():
             if fields[key] != value and key not in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 raise UnsupportedCheckpointError(
@@ -109,12 +107,11 @@ def merged_tensor(name: str, base: SourceReader, readers: dict[str, SourceReader
 def mixed_sparse_block(layer: int, experts: list[str], readers: dict[str, SourceReader], router: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
     """Router and fused experts of one sparse layer: expert i is the MLP of `experts[i]`."""
-    prefix = f"model.layers.{layer}.mlp"
-    gates, ups, downs = ([readers[source].get(f"{prefix}.{proj}.weight") for source in experts]
+    names = SparseBlockNames(layer)
+    gates, ups, downs = ([readers[source].get(f"{names.prefix}.{proj}.weight") for source in experts]
                          for proj in ("gate_proj", "up_proj", "down_proj"))
-    gate_up, down = _fuse(torch.stack(gates), torch.stack(ups), torch.stack(downs))
-    return {f"{prefix}.gate.weight": router.to(gates[0].dtype), f"{prefix}.experts.gate_up_proj": gate_up,
-            f"{prefix}.experts.down_proj": down}
+    gate_up, down = fuse_experts(torch.stack(gates), torch.stack(ups), torch.stack(downs))
+    return {names.router: router.to(gates[0].dtype), names.gate_up_proj: gate_up, names.down_proj: down}
 
 
 def mixed_tensors(base: SourceReader, readers: dict[str, SourceReader], config, experts: list[str],
@@ -122,7 +119,7 @@ def mixed_tensors(base: SourceReader, readers: dict[str, SourceReader], config, 
     """The mixed model's tensors in the base's storage order, one sparse block at a time."""
     sparse = set(config.sparse_layer_indices)
     for name in base.checkpoint.tensor_names:
-        match = MLP_WEIGHT.fullmatch(name)
+        match = DENSE_MLP_WEIGHT.fullmatch(name)
         if match and int(match["layer"]) in sparse:
             if match["proj"] == "gate_proj":
                 layer = int(match["layer"])
@@ -183,19 +180,6 @@ def routing_accuracy(model, tokenizer, heldout: list[list[str]], domains: list[i
             "best_layer": str(best), "heldout_prompts": [len(p) for p in heldout]}
 
 
-def routing_accuracy_markdown(experts: list[str], report: dict) -> str:
-    """The model card's routing-accuracy table (a separate piece so the hub card renderer can take it over)."""
-    first, best = report["first_layer"], report["best_layer"]
-    lines = ["## Routing accuracy", "",
-             "Share of each expert's held-out domain prompts whose top expert (router probabilities averaged over "
-             "the prompt) is that expert or a copy of it.", "",
-             f"| expert | source | held-out prompts | layer {first} | best layer ({best}) |", "|---|---|---|---|---|"]
-    for i, source in enumerate(experts):
-        lines.append(f"| {i} | `{source}` | {report['heldout_prompts'][i]} | "
-                     f"{report['layers'][first][i]:.0%} | {report['layers'][best][i]:.0%} |")
-    return "\n".join(lines) + "\n"
-
-
 def load_prompt_lists(path: str | None, num_experts: int, what: str) -> list[list[str]] | None:
     if path is None:
         return None
@@ -206,42 +190,33 @@ def load_prompt_lists(path: str | None, num_experts: int, what: str) -> list[lis
     return prompts
 
 
-def check_mix_arguments(args) -> None:
-    if args.merge_others not in MERGE_MODES:
-        raise ValueError(f"`merge_others`={args.merge_others!r} is invalid: choose one of {MERGE_MODES}")
-    if args.arch not in ("hf_moe", "hf_switch") or args.expert_init != "copy" or args.noise_std:
-        raise ValueError("experts from several sources need `arch` hf_moe or hf_switch and `expert_init`='copy' "
-                         f"without noise (got arch={args.arch!r}, expert_init={args.expert_init!r})")
-    args.num_experts = len(args.experts)  # one expert per listed source
-
-
 def run_mix(args, dense: DenseCheckpoint | None = None) -> Path:
     """Upcycle with expert i from `args.experts[i]` and the rest from `args.source` (the base) or the sources'
-    average; see [`upcycle`]. Writes `mixing.json` (sources, routing accuracy) and a routing-accuracy card table."""
-    check_mix_arguments(args)
+    average; see [`upcycle`]. Writes `mixing.json` (sources, routing accuracy); the card shows the routing accuracy."""
     dense, config, output_dir = prepare(args, dense)
-    if output_dir.exists() and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already exists; choose another folder or pass overwrite=True")
     prompts = load_prompt_lists(args.calibration_prompts, len(args.experts), "calibration_prompts")
     heldout = load_prompt_lists(args.heldout_prompts, len(args.experts), "heldout_prompts")
     base, readers = open_sources(dense, args.experts, args.gguf_file)
     routers = mix_routers(args, config, base, readers, prompts)
     resolved_dtype = output_dtype(args, dense)
     dtype = None if resolved_dtype == "auto" else getattr(torch, resolved_dtype)
+    record = {"base": dense.name, "experts": args.experts, "merge_others": args.merge_others,
+              "router_init": args.router_init}
 
-    with atomic_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        stream = mixed_tensors(base, readers, config, args.experts, args.merge_others, routers)
-        progress = tqdm(stream, desc=f"mixing {len(args.experts)} experts", unit="tensor")
-        write_model_folder(staging, output_dir.name, ((name, tensor.to(dtype) if dtype is not None else tensor)
-                                                      for name, tensor in progress), config, args, dense)
-        record = {"base": dense.name, "experts": args.experts, "merge_others": args.merge_others,
-                  "router_init": args.router_init}
+    def finish(staging: Path, model) -> None:
         if heldout is not None:
-            model = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
-            record["routing_accuracy"] = routing_accuracy(model, dense.load_tokenizer(), heldout,
+            loaded = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32).eval()
+            record["routing_accuracy"] = routing_accuracy(loaded, dense.load_tokenizer(), heldout,
                                                           expert_domains(args.experts, prompts))
-            with (staging / "README.md").open("a") as card:
-                card.write("\n" + routing_accuracy_markdown(args.experts, record["routing_accuracy"]))
+        write_upcycled_card(staging, output_dir.name, model, args, dense, config.dtype,
+                            routing_accuracy=record.get("routing_accuracy"))
         (staging / MIX_FILE).write_text(json.dumps(record, indent=1))
+
+    stream = mixed_tensors(base, readers, config, args.experts, args.merge_others, routers)
+    progress = tqdm(stream, desc=f"mixing {len(args.experts)} experts", unit="tensor")
+    write_model_folder(output_dir, ((name, tensor.to(dtype) if dtype is not None else tensor)
+                                    for name, tensor in progress), config, source_name=dense.name,
+                       overwrite=args.overwrite, max_shard_size=args.max_shard_size, **dense.tokenizer_sources(),
+                       finish=finish)
     logger.info("mixed %d experts into %s", len(args.experts), output_dir)
     return output_dir

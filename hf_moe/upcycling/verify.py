@@ -6,25 +6,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .sources import DenseCheckpoint
-
-SAMPLE_PROMPTS = (
-    "What is the capital of France?",
-    "Write a short poem about the sea.",
-    "What is 12 times 7?",
-    "Name three primary colors.",
-    "Explain what a mixture of experts is in one sentence.",
-)
-
-
-def chat_prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
-    """`prompt` as a user turn through the chat template (when the tokenizer has one), as (1, seq) ids."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = prompt
-    return tokenizer(text, return_tensors="pt").input_ids
+from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_models, pad_token_id
+from ..checkpoints.reading import DenseCheckpoint
 
 
 @torch.no_grad()
@@ -34,7 +17,8 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
 
     The inputs are `prompts` (chat-formatted with the folder's tokenizer) or, for models without a tokenizer,
     `input_ids` (a list of (1, seq) tensors). Returns `max_abs_logit_difference` over all positions, the number of
-    inputs whose greedy generations are identical, and per input the difference and both answers.
+    inputs whose greedy generations are identical, and per input the difference and both answers (with the user's
+    prompt, not the chat template around it).
 
     When the folder stores lower-precision weights (e.g. bfloat16), the dense weights are rounded to that dtype
     first (`weights_dtype` in the report), so the comparison checks the upcycling itself, not the rounding.
@@ -48,39 +32,15 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
     moe_model = AutoModelForCausalLM.from_pretrained(moe_folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(moe_folder) if input_ids is None else None
     inputs = input_ids if input_ids is not None else [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
-    pad_token_id = 0
+    comparison = compare_models(dense_model, moe_model, inputs, max_new_tokens,
+                                pad_token_id(tokenizer) if tokenizer is not None else 0)
+    samples = [dict(max_abs_logit_difference=difference, identical=same) for difference, same in
+               zip(comparison["per_input_difference"], comparison["per_input_identical"], strict=True)]
     if tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    worst, identical, samples = 0.0, 0, []
-    for ids in inputs:
-        difference = (dense_model(input_ids=ids).logits - moe_model(input_ids=ids).logits).abs().max().item()
-        worst = max(worst, difference)
-        generate = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
-        dense_answer = dense_model.generate(ids, **generate)[0, ids.shape[1]:]
-        moe_answer = moe_model.generate(ids, **generate)[0, ids.shape[1]:]
-        same = torch.equal(dense_answer, moe_answer)
-        identical += same
-        sample = dict(max_abs_logit_difference=difference, identical=same)
-        if tokenizer is not None:
-            sample.update(prompt=tokenizer.decode(ids[0], skip_special_tokens=True),
-                          dense=tokenizer.decode(dense_answer, skip_special_tokens=True),
+        for sample, prompt, dense_answer, moe_answer in zip(samples, prompts, comparison["reference_generations"],
+                                                            comparison["candidate_generations"], strict=True):
+            sample.update(prompt=prompt, dense=tokenizer.decode(dense_answer, skip_special_tokens=True),
                           upcycled=tokenizer.decode(moe_answer, skip_special_tokens=True))
-        samples.append(sample)
-    return dict(max_abs_logit_difference=worst, identical_generations=identical, inputs=len(inputs),
+    return dict(max_abs_logit_difference=comparison["max_abs_logit_difference"],
+                identical_generations=comparison["identical_generations"], inputs=len(inputs),
                 weights_dtype=weights_dtype, samples=samples)
-
-
-VERIFICATION_COLUMNS = {"prompt": "prompt", "dense": "dense answer", "upcycled": "upcycled answer",
-                        "max_abs_logit_difference": "max |Δlogit|", "identical": "identical?"}
-
-
-def format_verification(report: dict) -> str:
-    """`verify_upcycling`'s report for people: one summary line and a table with a row per prompt."""
-    from ..cli_output import table
-
-    heading = (f"verification: {report['identical_generations']}/{report['inputs']} greedy generations identical, "
-               f"max |Δlogit| {report['max_abs_logit_difference']:.2g}")
-    if not report["samples"]:
-        return heading
-    columns = {key: name for key, name in VERIFICATION_COLUMNS.items() if key in report["samples"][0]}
-    return f"{heading}\n{table(report['samples'], columns)}"

@@ -1,0 +1,95 @@
+"""How model folders and their tensors are named on disk: the hf_moe model types, the code files a folder ships, the
+tokenizer files copied beside the weights, the tensor names of a sparse block, and Hub ids.
+
+(How MoE *modules* are named at run time, for hf_moe and transformers' own MoEs, is `hf_moe.moe_layers`' job.)
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModelForCausalLM
+
+from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
+
+CONFIG_CLASSES = {config_class.model_type: config_class for config_class in MODEL_CLASSES}
+HF_MOE_MODEL_TYPES = tuple(CONFIG_CLASSES)  # ("hf_moe", "hf_switch", "hf_mh_moe")
+# The remote code every hf_moe folder carries (`auto_map` points into these two files).
+CODE_MODULES = (configuration_hf_moe, modeling_hf_moe)
+CODE_FILES = tuple(Path(module.__file__).name for module in CODE_MODULES)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+
+# Tensor names of a Llama-family decoder layer's dense MLP, and of hf_moe's sparse block (transformers' layout).
+DENSE_MLP_WEIGHT = re.compile(r"model\.layers\.(?P<layer>\d+)\.mlp\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+ROUTER_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.gate\.weight")
+EXPERTS_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)")
+SHARED_EXPERTS_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.shared_experts\.(?P<proj>\w+)\.weight")
+
+
+@dataclass(frozen=True)
+class SparseBlockNames:
+    """The tensor names of decoder layer `layer`'s sparse block."""
+
+    layer: int
+
+    @property
+    def prefix(self) -> str:
+        return f"model.layers.{self.layer}.mlp"
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}.gate.weight"
+
+    @property
+    def gate_up_proj(self) -> str:
+        return f"{self.prefix}.experts.gate_up_proj"
+
+    @property
+    def down_proj(self) -> str:
+        return f"{self.prefix}.experts.down_proj"
+
+
+def meta_model(config):
+    """The causal-LM model of `config` on the meta device: names, shapes and parameter counts without memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def expected_tensor_names(model) -> set[str]:
+    """The tensor names a saved folder of `model` (e.g. its meta-device instance) holds: a tied `lm_head` is not
+    stored."""
+    names = set(model.state_dict())
+    if model.config.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    return names
+
+
+# A folder inside the huggingface_hub cache: .../models--owner--name/snapshots/<revision>
+HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+
+
+def is_hub_id_shaped(source: str) -> bool:
+    """Whether a path that does not exist could be a Hub id (`owner/name`), rather than a mistyped local path."""
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def hub_id(source: str | Path | None) -> str | None:
+    """The Hub id `source` stands for: an `owner/name` that is not a local path, or a folder of the Hub cache."""
+    if source is None:
+        return None
+    cached = HUB_CACHE_SNAPSHOT.search(Path(source).absolute().as_posix())
+    if cached:
+        return f"{cached['owner']}/{cached['name']}"
+    text = str(source)
+    if Path(text).exists() or text.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
