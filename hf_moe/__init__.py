@@ -1,45 +1,57 @@
 """hf_moe: Mixture-of-Experts decoders (MoE, Switch, MH-MoE) for Hugging Face transformers.
 
-`import hf_moe` registers the model types `hf_moe`, `hf_switch` and `hf_mh_moe` with the Auto classes.
+`import hf_moe` registers the model types `hf_moe`, `hf_switch` and `hf_mh_moe` with the Auto classes and installs
+the model-card hooks; everything else (upcycling, export, the Hub helpers, 4-bit experts) is imported on first use,
+so importing hf_moe costs no more than its model classes.
 """
 
-from .auto import register_auto_classes
-from .export import ExportArguments, ExportRefusedError, export, verify_export
-from .hub import check_folder, publish, register_model_card_writer
-from .modeling import (
-    MHMoeConfig,
-    MHMoeForCausalLM,
-    MHMoeForSequenceClassification,
-    MHMoeModel,
-    MoeCausalLMOutput,
-    MoeConfig,
-    MoeForCausalLM,
-    MoeForSequenceClassification,
-    MoeModel,
-    SwitchConfig,
-    SwitchForCausalLM,
-    SwitchForSequenceClassification,
-    SwitchModel,
-    load_balancing_loss,
-    mh_moe_matched_config,
-    router_z_loss,
-)
-from .quantization.quantizer import register_experts_quantizers
-from .upcycling import UnsupportedCheckpointError, UpcycleArguments, upcycle, verify_upcycling
+import importlib
+import sys
+from pathlib import Path
 
 __version__ = "0.1.0"
 
-register_auto_classes()
-register_model_card_writer()
-register_experts_quantizers()  # from_pretrained(quantization_config=BitsAndBytesConfig(...)) quantises experts too
+# Public name -> the module that defines it (imported on first access, PEP 562).
+_PUBLIC = {
+    **dict.fromkeys(
+        ["MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config", "MoeModel", "MoeForCausalLM",
+         "MoeForSequenceClassification", "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
+         "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification", "MoeCausalLMOutput",
+         "load_balancing_loss", "router_z_loss"], ".modeling"),
+    **dict.fromkeys(["upcycle", "UpcycleArguments", "verify_upcycling"], ".upcycling"),
+    "UnsupportedCheckpointError": ".errors",
+    **dict.fromkeys(["ExportArguments", "ExportRefusedError", "verify_export"], ".export"),
+    **dict.fromkeys(["check_folder", "publish"], ".hub"),
+}
+__all__ = [*_PUBLIC, "export"]
 
-__all__ = [
-    "MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config",
-    "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
-    "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
-    "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
-    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
-    "upcycle", "UpcycleArguments", "verify_upcycling", "UnsupportedCheckpointError",
-    "export", "ExportArguments", "ExportRefusedError", "verify_export",
-    "check_folder", "publish",
-]
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'hf_moe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
+
+
+def _register() -> None:
+    from .auto import register_auto_classes
+    from .hub.push import install_card_hooks
+    from .quantization.quantizer import register_experts_quantizers
+
+    register_auto_classes()
+    install_card_hooks()
+    register_experts_quantizers()  # from_pretrained(quantization_config=BitsAndBytesConfig(...)) quantises experts
+
+
+# The `hf-moe` command registers when it runs a subcommand (`hf_moe.cli`), so `hf-moe --help` and `--version`
+# start without importing torch; every other importer gets the registration at import.
+if Path(sys.argv[0] if sys.argv else "").name != "hf-moe":
+    _register()
+    # `hf_moe.export` is the function, as `hf_moe.upcycle` is: importing the subpackage `hf_moe.export` binds the
+    # module to that name, so the function is bound after it, once.
+    from .export import export

@@ -1,6 +1,5 @@
 """Registers the three hf_moe model types with transformers' Auto classes (run once by `import hf_moe`)."""
 
-import torch
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -15,12 +14,6 @@ AUTO_CLASSES = {
     "AutoModelForCausalLM": AutoModelForCausalLM,
     "AutoModelForSequenceClassification": AutoModelForSequenceClassification,
 }
-
-
-def meta_model(config):
-    """The causal-LM model of `config` on the meta device: names, shapes and parameter counts without memory."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def register_auto_classes() -> None:
