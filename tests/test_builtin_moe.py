@@ -136,3 +136,20 @@ def test_finetune_command_takes_training_arguments_and_trains_a_builtin_moe(tmp_
     tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     report = evaluate_model(tuned, tokenizer, {"heldout": build_mixture(0, 1, seed=0)["heldout"]}, max_new_tokens=2)
     assert report["expert_specialisation"]
+
+
+def test_training_card_names_the_frozen_router_of_gpt_oss():
+    """gpt-oss names its router `mlp.router` (not `mlp.gate`): the card's "frozen MoE parts" must still see it."""
+    from transformers import GptOssConfig
+
+    from hf_moe.hub.training import frozen_parts
+
+    config = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, layer_types=["full_attention"] * 2)
+    model = AutoModelForCausalLM.from_config(config)
+    assert frozen_parts(model) == "none"
+    freeze_moe(model, "router")
+    assert frozen_parts(model) == "router"
+    freeze_moe(model, "experts")
+    assert frozen_parts(model) == "router, experts"

@@ -5,16 +5,14 @@ A target is one small class (`name`, `blockers(config)`, `config_fields(config)`
 returns the reasons it cannot reproduce a model exactly, so a refusal explains itself.
 """
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, PreTrainedConfig
 
-ROUTER = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.gate\.weight")
-EXPERTS = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)")
-SHARED_EXPERTS = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.shared_experts\.(?P<proj>\w+)\.weight")
+from ..checkpoints.names import EXPERTS_WEIGHT, ROUTER_WEIGHT, SHARED_EXPERTS_WEIGHT
+
 
 
 @dataclass(frozen=True)
@@ -159,10 +157,10 @@ class ExportTarget:
     def map_tensor(self, name: str, tensor: torch.Tensor, config) -> Iterator[tuple[str, torch.Tensor]]:
         """The target's tensors for one hf_moe tensor: routers renamed, fused experts split per expert (the
         layout of the Mixtral / Qwen-MoE checkpoints on the Hub), everything else unchanged."""
-        if match := ROUTER.fullmatch(name):
+        if match := ROUTER_WEIGHT.fullmatch(name):
             yield f"{match['layer']}.{self.sparse_block}.gate.weight", tensor
             yield from self.extra_sparse_block_tensors(match["layer"], tensor, config)
-        elif match := EXPERTS.fullmatch(name):
+        elif match := EXPERTS_WEIGHT.fullmatch(name):
             gate, up, down = self.expert_projections
             prefix = f"{match['layer']}.{self.sparse_block}.experts"
             if match["proj"] == "gate_up_proj":  # (E, 2I, H): rows [0, I) gate, [I, 2I) up (hf_moe's chunk order)
@@ -173,7 +171,7 @@ class ExportTarget:
             else:  # (E, H, I): each expert's down projection is already an nn.Linear weight
                 for expert in range(tensor.shape[0]):
                     yield f"{prefix}.{expert}.{down}.weight", tensor[expert]
-        elif match := SHARED_EXPERTS.fullmatch(name):
+        elif match := SHARED_EXPERTS_WEIGHT.fullmatch(name):
             yield from self.map_shared_experts(match["layer"], match["proj"], tensor)
         else:
             yield name, tensor

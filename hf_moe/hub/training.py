@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .card import command_line, render_card, write_card
 from ..checkpoints.names import hub_id
+from ..moe_layers import moe_module_names
 from .lineage import lineage_of
 
 _LAYER_KEY = re.compile(r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|router_entropy|dropped_fraction)")
@@ -13,11 +14,13 @@ _HEATMAP = re.compile(r"expert_load_step(?P<step>\d+)\.png")
 
 
 def frozen_parts(model) -> str:
-    """Which MoE parts have no trainable parameter: "router", "experts", "router, experts" or "none"."""
-    parts = {"router": ".mlp.gate.", "experts": ".mlp.experts."}
+    """Which MoE parts have no trainable parameter: "router", "experts", "router, experts" or "none" (the modules
+    come from `hf_moe.moe_layers`, so every MoE family's names apply: `mlp.gate`, gpt-oss's `mlp.router`, ...)."""
+    modules = dict(model.named_modules())
     frozen = []
-    for part, pattern in parts.items():
-        flags = [p.requires_grad for name, p in model.named_parameters() if pattern in f".{name}"]
+    for part in ("router", "experts"):
+        flags = [parameter.requires_grad for name in moe_module_names(model, part)
+                 for parameter in modules[name].parameters()]
         if flags and not any(flags):
             frozen.append(part)
     return ", ".join(frozen) or "none"
