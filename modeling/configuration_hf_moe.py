@@ -14,6 +14,30 @@ from transformers import PreTrainedConfig
 ROUTER_TYPES = ("softmax_topk", "noisy_topk")
 ROUTER_AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 
+# Parallel plans by part of the model; `MoeConfig.base_model_tp_plan` / `base_model_ep_plan` combine the parts that a
+# config's layers have. Names and styles are those of transformers' Qwen2-MoE plans.
+_ATTENTION_TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.o_proj": "rowwise",
+}
+_DENSE_MLP_TP_PLAN = {
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+_EXPERTS_TP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+    "layers.*.mlp.experts.down_proj": "rowwise",
+    "layers.*.mlp.experts": "moe_tp_experts",
+}
+_EXPERTS_EP_PLAN = {
+    "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+    "layers.*.mlp.experts.down_proj": "grouped_gemm",
+    "layers.*.mlp.experts": "ep_dispatch_experts",
+}
+
 
 def _require(condition: bool, field: str, value, allowed: str) -> None:
     """Raise a `ValueError` that names the field, the value given and what is allowed."""
@@ -111,23 +135,6 @@ class MoeConfig(PreTrainedConfig):
     model_type = "hf_moe"
     _auto_class = "AutoConfig"  # `save_pretrained` copies this file next to config.json
     keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "z_loss", "router_logits"]
-    base_model_tp_plan = {
-        "layers.*.self_attn.q_proj": "colwise",
-        "layers.*.self_attn.k_proj": "colwise",
-        "layers.*.self_attn.v_proj": "colwise",
-        "layers.*.self_attn.o_proj": "rowwise",
-        "layers.*.mlp.gate_proj": "colwise",
-        "layers.*.mlp.up_proj": "colwise",
-        "layers.*.mlp.down_proj": "rowwise",
-        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
-        "layers.*.mlp.experts.down_proj": "rowwise",
-        "layers.*.mlp.experts": "moe_tp_experts",
-    }
-    base_model_ep_plan = {
-        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
-        "layers.*.mlp.experts.down_proj": "grouped_gemm",
-        "layers.*.mlp.experts": "ep_dispatch_experts",
-    }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -258,6 +265,27 @@ class MoeConfig(PreTrainedConfig):
     def num_subtokens(self) -> int:
         """Router rows per token (1 here; `num_moe_heads` for MH-MoE)."""
         return 1
+
+    # transformers reads the parallel plans from the config as class attributes; here they are properties of the
+    # layer layout, so that every entry names parameters that exist (a plan entry that matches nothing fails
+    # transformers' `test_tp_plan_matches_params` and is reported when the plan is applied). Being properties, they are
+    # never written to config.json and always follow the fields they derive from.
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of the base model: attention always, the dense-MLP entries when some layer keeps a
+        dense MLP, the expert entries when some layer is sparse."""
+        sparse_layers = self.sparse_layer_indices
+        plan = dict(_ATTENTION_TP_PLAN)
+        if len(sparse_layers) < self.num_hidden_layers:
+            plan.update(_DENSE_MLP_TP_PLAN)
+        if sparse_layers:
+            plan.update(_EXPERTS_TP_PLAN)
+        return plan
+
+    @property
+    def base_model_ep_plan(self) -> dict[str, str]:
+        """Expert-parallel plan of the base model: the experts of the sparse layers (empty without sparse layers)."""
+        return dict(_EXPERTS_EP_PLAN) if self.sparse_layer_indices else {}
 
 
 class SwitchConfig(MoeConfig):

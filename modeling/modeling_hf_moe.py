@@ -28,6 +28,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -626,6 +627,30 @@ class MHMoeSparseBlock(nn.Module):
 SPARSE_BLOCKS = {"hf_moe": MoeSparseBlock, "hf_switch": MoeSparseBlock, "hf_mh_moe": MHMoeSparseBlock}
 
 
+# ------------------------------------------------------------------------------------------------ cache argument
+# transformers 5.24 renamed `past_key_values` to `cache`: the mask builders' and layers' argument and the output
+# field (the old names still work there but log a deprecation message). This file runs as remote code in the user's
+# transformers, so it speaks whichever name the installed version uses.
+_MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+_CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _deprecates_old_cache_name(forward: Callable) -> Callable:
+    """Where transformers has renamed the cache argument (>= 5.24), `forward(past_key_values=...)` is passed on as
+    `cache=` with the deprecation warning of the built-in models: transformers' own decorator, with the removal version
+    the built-ins name. Where `past_key_values` is still the current name (5.23), `forward` is returned unchanged."""
+    if _CACHE_NAME != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
+def _cache_argument(cache, kwargs: dict):
+    """The KV cache, whichever name the caller used: transformers 5.23 passes `past_key_values=` (on >= 5.24
+    `_deprecates_old_cache_name` has already renamed it)."""
+    past_key_values = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else past_key_values
+
+
 # ------------------------------------------------------------------------------------------------ decoder
 class MoeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MoeConfig, layer_idx: int):
@@ -639,6 +664,7 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
+    @_deprecates_old_cache_name
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 position_embeddings=None, token_mask=None, **kwargs) -> torch.Tensor:
         cache = _cache_argument(cache, kwargs)
@@ -667,19 +693,6 @@ class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
 
     lm_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
-
-
-# transformers 5.24 renamed `past_key_values` to `cache`: the mask builders' and layers' argument and the output
-# field (the old names still work there but log a deprecation message). This file runs as remote code in the user's
-# transformers, so it speaks whichever name the installed version uses.
-_MASK_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-_CACHE_NAME = "cache" if "cache" in MoeModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-
-
-def _cache_argument(cache, kwargs: dict):
-    """The KV cache, whichever name the caller used: transformers >= 5.24 passes `cache=`, 5.23 `past_key_values=`."""
-    past_key_values = kwargs.pop("past_key_values", None)
-    return cache if cache is not None else past_key_values
 
 
 def real_token_mask(attention_mask, batch_size: int, seq_len: int, past_seen_tokens) -> torch.Tensor | None:
@@ -765,21 +778,7 @@ class MoePreTrainedModel(PreTrainedModel):
         # transformers writes only the saved class into `auto_map`; list every head so that all Auto classes load
         # the folder as remote code.
         self.config.auto_map = auto_map_for(type(self.config))
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        if self.model_card_writer is not None and kwargs.get("is_main_process", True):
-            self.model_card_writer(save_directory)
-        return result
-
-    # `import hf_moe` sets this to hf_moe's model-card writer, called as `writer(model, folder, repo_id=None)`.
-    # Without hf_moe (remote code) it stays None and transformers' own card is kept.
-    model_card_writer = None
-
-    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
-        # Both push paths (`push_to_hub`, `save_pretrained(push_to_hub=True)`) write transformers' generic README.md
-        # after saving and just before this upload step, so hf_moe's card replaces it here.
-        if self.model_card_writer is not None:
-            self.model_card_writer(working_dir, repo_id=repo_id)
-        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class MoeModel(MoePreTrainedModel):
@@ -794,6 +793,7 @@ class MoeModel(MoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @_deprecates_old_cache_name
     @merge_with_config_defaults
     @capture_outputs
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
@@ -881,6 +881,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @_deprecates_old_cache_name
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_router_logits: bool | None = None,

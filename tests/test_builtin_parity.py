@@ -1,19 +1,39 @@
-"""Behaving like a transformers built-in: tuple outputs, the cache argument, no deprecation messages, padding-free
-expert capacity, static cache and torch.compile (defects found by transformers' common model tests, issue 7)."""
+"""Behaving like a transformers built-in: tuple outputs, the cache argument (its old name deprecated as in the
+built-ins), no deprecation messages, parallel plans that name only what the model has, padding-free expert capacity,
+static cache and torch.compile (defects found by transformers' common model tests, issue 7)."""
 
+import json
 import logging
 import os
+import re
 import warnings
+from contextlib import nullcontext
+from itertools import chain
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationMixin
+import transformers
+from packaging import version
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+    GenerationMixin,
+    LlamaConfig,
+)
 from transformers.utils import logging as hf_logging
 
 from hf_moe.modeling import MODEL_CLASSES
 from hf_moe.modeling.modeling_hf_moe import _CACHE_NAME
 
 from .conftest import MODEL_TYPES, tiny_config
+
+# transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache`; its built-ins still take the old name
+# with a deprecation warning, which its common test `test_bc_cache_name_forward` requires. Before 5.24 the old name is
+# the current one and passes silently.
+CACHE_ARGUMENT_RENAMED = version.parse(version.parse(transformers.__version__).base_version) >= version.parse("5.24")
 
 
 def _ids(batch=2, length=7, seed=0):
@@ -55,7 +75,8 @@ def test_the_cache_argument_is_accepted_under_both_names(model_type):
         assert cache is not None and cache.get_seq_length() == 6
         continued = model(ids[:, 6:], cache=cache).logits  # transformers >= 5.24's name
         cache.crop(-3)  # back to the 6 prefix tokens
-        continued_old_name = model(ids[:, 6:], past_key_values=cache).logits  # 5.23's name
+        with pytest.warns(FutureWarning, match="past_key_values") if CACHE_ARGUMENT_RENAMED else nullcontext():
+            continued_old_name = model(ids[:, 6:], past_key_values=cache).logits  # 5.23's name
     torch.testing.assert_close(continued, full, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(continued_old_name, full, atol=1e-5, rtol=1e-4)
 
@@ -110,6 +131,108 @@ def test_forward_and_generate_emit_no_deprecation_message(model_type):
                            cache_implementation="static")
 
     assert _deprecation_messages(run) == []
+
+
+# ------------------------------------------------------------------------------------------------ old cache name
+HEADS = {"AutoModel": AutoModel, "AutoModelForCausalLM": AutoModelForCausalLM,
+         "AutoModelForSequenceClassification": AutoModelForSequenceClassification}
+
+
+def _old_cache_name_messages(model, ids) -> tuple[list[str], torch.Tensor]:
+    """The deprecation messages of one forward call with `past_key_values=`, and its first output."""
+    outputs = []
+
+    def run():
+        with torch.no_grad():
+            outputs.append(model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)[0])
+
+    return _deprecation_messages(run), outputs[0]
+
+
+@pytest.mark.parametrize("auto_class", list(HEADS), ids=list(HEADS))
+def test_the_old_cache_argument_name_warns_exactly_like_the_builtins(model_type, auto_class):
+    config = tiny_config(model_type, eval_capacity_factor=None)
+    model = HEADS[auto_class].from_config(config).eval()
+    builtin = HEADS[auto_class].from_config(LlamaConfig(**{key: getattr(config, key) for key in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "pad_token_id")})).eval()
+    ids = _ids()
+    messages, output = _old_cache_name_messages(model, ids)
+    builtin_messages, _ = _old_cache_name_messages(builtin, ids)
+    if CACHE_ARGUMENT_RENAMED:
+        assert len(messages) == 1, messages
+        assert "`past_key_values` is deprecated" in messages[0] and "Use `cache` instead" in messages[0]
+    else:
+        assert messages == []
+    # The same message as the built-in head, up to the class name.
+    assert [m.replace(type(model).__name__, "<head>") for m in messages] == [
+        m.replace(type(builtin).__name__, "<head>") for m in builtin_messages]
+    # ... and the old name still feeds the cache.
+    with torch.no_grad():
+        expected = model(ids, **{_CACHE_NAME: DynamicCache(config=model.config)}, use_cache=True)[0]
+    torch.testing.assert_close(output, expected)
+
+
+# ------------------------------------------------------------------------------------------------ parallel plans
+def _generic_name(name: str) -> str:
+    """A parameter or module name with its layer numbers replaced by `*`, as transformers matches plan entries."""
+    return re.sub(r"\.\d+(\.|$)", lambda match: ".*" + match.group(1), name)
+
+
+def _unused_plan_entries(model, plan: dict[str, str]) -> set[str]:
+    """The entries of `plan` that name no parameter, buffer or module of `model`, by the rule of transformers' common
+    test `test_tp_plan_matches_params`: an entry may name a parameter, the module that owns one, or any module."""
+    parameters = {_generic_name(name) for name, _ in chain(model.named_parameters(), model.named_buffers())}
+    owners = {name.rsplit(".", 1)[0] for name in parameters if "." in name}
+    modules = {_generic_name(name) for name, _ in model.named_modules()}
+    return {pattern for pattern in plan if pattern not in parameters | owners | modules}
+
+
+LAYOUTS = {  # tiny configs have 3 layers
+    "all_sparse": dict(sparse_layers=[0, 1, 2]),
+    "mixed": dict(sparse_layers=[1]),
+    "dense_prefix": dict(first_k_dense_layers=1, sparse_layer_interval=1),
+    "all_dense": dict(sparse_layers=[]),
+    "default": {},  # all sparse for hf_moe and hf_mh_moe, every other layer for hf_switch
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_parallel_plan_entry_matches_the_model(model_type, layout):
+    config = tiny_config(model_type, **LAYOUTS[layout])
+    # What the common test sets to get a dense layer in built-in MoE models; hf_moe's own fields are used instead.
+    config.first_k_dense_replace, config.mlp_only_layers = 1, [0]
+    for head in HEADS.values():
+        model = head.from_config(config)
+        assert model.tp_plan, type(model).__name__
+        assert _unused_plan_entries(model, model.tp_plan) == set(), type(model).__name__
+        assert _unused_plan_entries(model, model.ep_plan) == set(), type(model).__name__
+
+
+@pytest.mark.parametrize("layout", ["mixed", "all_sparse", "all_dense"])
+def test_parallel_plans_cover_the_dense_mlps_and_the_experts_that_exist(model_type, layout):
+    config = tiny_config(model_type, **LAYOUTS[layout])
+    tp_plan, ep_plan = config.base_model_tp_plan, config.base_model_ep_plan
+    has_dense, has_sparse = layout != "all_sparse", layout != "all_dense"
+    assert tp_plan["layers.*.self_attn.q_proj"] == "colwise" and tp_plan["layers.*.self_attn.o_proj"] == "rowwise"
+    assert ("layers.*.mlp.gate_proj" in tp_plan) == has_dense
+    assert ("layers.*.mlp.down_proj" in tp_plan) == has_dense
+    assert (tp_plan.get("layers.*.mlp.experts") == "moe_tp_experts") == has_sparse
+    assert (ep_plan.get("layers.*.mlp.experts") == "ep_dispatch_experts") == has_sparse
+    assert (ep_plan.get("layers.*.mlp.experts.gate_up_proj") == "grouped_gemm") == has_sparse
+
+
+def test_parallel_plans_are_not_saved_and_follow_the_reloaded_config(model_type, tmp_path):
+    config = tiny_config(model_type, sparse_layers=[1])
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert not {"base_model_tp_plan", "base_model_ep_plan", "base_model_pp_plan"} & saved.keys()
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert reloaded.base_model_tp_plan == config.base_model_tp_plan
+    assert reloaded.base_model_ep_plan == config.base_model_ep_plan
+    all_sparse = tiny_config(model_type, sparse_layers=[0, 1, 2])
+    all_sparse.save_pretrained(tmp_path)
+    assert "layers.*.mlp.gate_proj" not in AutoConfig.from_pretrained(tmp_path).base_model_tp_plan
 
 
 # ------------------------------------------------------------------------------------------------ Switch capacity
