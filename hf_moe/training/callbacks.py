@@ -4,11 +4,11 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import DefaultFlowCallback, Trainer, TrainerCallback
+from transformers import DefaultFlowCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
 from .heatmap import save_load_heatmap
 from .optimizer_step import OptimizerStepCallback
-from .router_stats import RouterStatsRecorder
+from .router_stats import RouterStatsRecorder, is_per_layer_key
 from .zero3 import set_zero3_leaf_sparse_blocks
 
 logger = logging.getLogger(__name__)
@@ -20,8 +20,10 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
 
     The Trainer runs its reporters before the callbacks passed to it (`default_callbacks + callbacks`) and offers no
     public way to insert a callback at a position; so the callbacks after `DefaultFlowCallback` are popped and added
-    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test). Under DeepSpeed ZeRO-3
-    the sparse blocks also become ZeRO-3 leaf modules (`hf_moe.training.zero3`).
+    again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test). The Trainer's console
+    printer (`ProgressCallback`, or `PrinterCallback` with `disable_tqdm`) is re-added as [`MoeProgressCallback`] /
+    [`MoePrinterCallback`], which print the MoE summary without the per-layer keys. Under DeepSpeed ZeRO-3 the
+    sparse blocks also become ZeRO-3 leaf modules (`hf_moe.training.zero3`).
 
     Example:
     ```python
@@ -31,11 +33,12 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
     behind = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, DefaultFlowCallback)]
     for callback in behind:
         trainer.pop_callback(callback)
-    for callback in (*callbacks, *behind):
+    for callback in (*callbacks, *map(_summary_printer, behind)):
         trainer.add_callback(callback)
     for callback in callbacks:
         if isinstance(callback, _MoeLogCallback):
             callback.peers = trainer.callback_handler.callbacks
+            callback.ahead_of_reporters = True
         if isinstance(callback, OptimizerStepCallback):
             callback.trainer = trainer
     if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
@@ -46,16 +49,68 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
     return trainer
 
 
+def console_logs(logs: dict | None) -> dict | None:
+    """`logs` without the per-layer MoE keys (`moe/layer<i>/...`): what the console shows of a logging step."""
+    return logs if logs is None else {key: value for key, value in logs.items() if not is_per_layer_key(key)}
+
+
+class MoeProgressCallback(ProgressCallback):
+    """The Trainer's progress bar; its log lines leave out the per-layer MoE keys (`moe/layer<i>/...`, some 450 for
+    30 sparse layers of 8 experts), which still reach `state.log_history` and every `report_to` logger."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs), **kwargs)
+
+
+class MoePrinterCallback(PrinterCallback):
+    """The Trainer's log printer (`disable_tqdm=True`), without the per-layer MoE keys (see [`MoeProgressCallback`])."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        super().on_log(args, state, control, logs=console_logs(logs), **kwargs)
+
+
+def _summary_printer(callback: TrainerCallback) -> TrainerCallback:
+    """The Trainer's own console printer as its summary-printing subclass; any other callback as it is."""
+    if type(callback) is ProgressCallback:
+        return MoeProgressCallback(max_str_len=callback.max_str_len)
+    if type(callback) is PrinterCallback:
+        return MoePrinterCallback()
+    return callback
+
+
 class _MoeLogCallback(TrainerCallback):
     """Adds its keys to the `logs` of `on_log` (seen by every reporter after it, see [`add_moe_callbacks`]) and to
-    the `state.log_history` entry the Trainer appended just before."""
+    the `state.log_history` entry the Trainer appended just before.
+
+    Passed to `Trainer(callbacks=[...])` instead, it runs after the `report_to` loggers (the Trainer puts them first):
+    `logs` then reaches only the console printer and any callbacks after it, so it gets the summary keys only (no
+    per-layer keys on the console), `log_history` every key, and a warning (once per callback) names the loggers
+    that miss them. A callback cannot move itself ahead of the loggers: callback events are not handed the Trainer or
+    its callback list.
+    """
 
     peers: list = ()  # the trainer's callbacks, set by `add_moe_callbacks` (the heatmap goes to TensorBoard's writer)
+    ahead_of_reporters: bool = False  # set by `add_moe_callbacks`
+    _warned: bool = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.ahead_of_reporters or self._warned or not state.is_world_process_zero:
+            return
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        # The integrations whose callback reads `logs` (CodeCarbon, for one, logs no metrics).
+        missing = [name for name in args.report_to or []
+                   if get_reporting_integration_callbacks([name])[0].on_log is not TrainerCallback.on_log]
+        if missing:
+            logger.warning("%s was passed to the Trainer, which runs the report_to loggers (%s) before it: they miss "
+                           "its moe/ keys, which reach only state.log_history. Add it with "
+                           "`add_moe_callbacks(trainer, callback)` instead.", type(self).__name__, ", ".join(missing))
+            self._warned = True
 
     def _add_to_logs(self, state, logs: dict, values: dict) -> None:
-        logs.update(values)
         if state.log_history:
             state.log_history[-1].update(values)
+        logs.update(values if self.ahead_of_reporters else console_logs(values))
 
 
 class ExpertStatsCallback(_MoeLogCallback):
@@ -73,8 +128,8 @@ class ExpertStatsCallback(_MoeLogCallback):
     >>> trainer = add_moe_callbacks(Trainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
     ```
 
-    Passed as `Trainer(callbacks=[ExpertStatsCallback()])` instead, its keys reach `log_history` and the reporters
-    listed after it only (the Trainer runs the `report_to` integrations first).
+    Passed as `Trainer(callbacks=[ExpertStatsCallback()])` instead, its keys reach `log_history` only, not the
+    `report_to` loggers (the Trainer runs them first), and it warns once saying so.
     """
 
     def __init__(self, per_expert: bool = True, heatmap: bool = True):
@@ -83,6 +138,7 @@ class ExpertStatsCallback(_MoeLogCallback):
         self.recorder: RouterStatsRecorder | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
         if self.recorder is None:
             self.recorder = RouterStatsRecorder(model, only_training=True)
             if not self.recorder.routers:

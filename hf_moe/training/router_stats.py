@@ -1,5 +1,6 @@
 """Expert statistics read from the routers with forward hooks: load per expert, imbalance, entropy, drops, losses."""
 
+import re
 from collections import defaultdict
 
 import torch
@@ -7,6 +8,12 @@ from torch import nn
 
 from ..modeling.modeling_hf_moe import load_balancing_loss, router_z_loss
 from ..moe_layers import find_moe_layers
+
+
+def is_per_layer_key(key: str) -> bool:
+    """Whether `key` is a per-layer metric of [`RouterStatsRecorder.summary`] (`moe/layer<i>/...`), not a summary
+    over the layers (`moe/<metric>`)."""
+    return re.match(r"moe/layer\d+/", key) is not None
 
 
 class RouterStatsRecorder:
