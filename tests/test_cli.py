@@ -170,3 +170,21 @@ def test_balancing_scope_script_builds_valid_runs_that_differ_only_in_the_scope(
     assert (micro.router_aux_loss_scope, global_.router_aux_loss_scope) == ("micro_batch", "global_batch")
     assert micro_training.gradient_accumulation_steps == global_training.gradient_accumulation_steps == 4
     assert micro_training.max_steps == global_training.max_steps == args.max_steps
+
+
+def test_finetune_with_a_malformed_jsonl_dataset_says_one_error_line_naming_the_file_and_the_line(
+        dense_with_tokenizer, tmp_path):
+    dataset = tmp_path / "bad.jsonl"
+    rows = [json.dumps({"instruction": f"Say {number}.", "response": str(number)}) for number in range(12)]
+    dataset.write_text("\n".join([*rows, '{"instruction": "Say 12.", "response": ', *rows]) + "\n")  # line 13 cut
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MOE_DEBUG": ""}
+    result = subprocess.run([HF_MOE, "finetune", str(dense_with_tokenizer), "--dataset", str(dataset), "--output_dir",
+                             str(tmp_path / "run"), "--report_to", "none"], capture_output=True, text=True,
+                            env=environment, timeout=900)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    # Before the error line, stderr may hold third-party noise: the model's 'Loading weights' bar (the model loads
+    # before the dataset) and, on some CPUs, a bitsandbytes kernel warning (peft imports bitsandbytes).
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], result.stderr[-2000:]
+    assert lines[-1].startswith(f"hf-moe finetune: error: {dataset}: line 13 is not valid JSON (Expecting value")

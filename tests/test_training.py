@@ -292,3 +292,40 @@ def test_router_stats_count_mh_moe_subtokens_and_switch_drops():
     recorder.reset()
     switch.eval()(input_ids=torch.randint(3, 97, (2, 9)))
     assert recorder.summary() == {}  # evaluation passes are not training statistics
+
+
+def _write_rows(path, lines):
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+GOOD_ROW = '{"instruction": "Say hi.", "response": "hi"}'
+
+
+@pytest.mark.parametrize("lines, problem", [
+    ([GOOD_ROW] * 12 + ['{"instruction": "Say bye.", "response": '] + [GOOD_ROW] * 3,
+     "line 13 is not valid JSON (Expecting value at column 41)"),
+    ([GOOD_ROW, "", GOOD_ROW + " trailing"], "line 3 is not valid JSON (Extra data at column 46)"),
+    (['{"instruction": "Say bye.", "response": '] + [GOOD_ROW] * 3, "line 1 is not valid JSON"),
+    ([GOOD_ROW, "[1, 2]"], "line 2 is not a JSON object (a row): '[1, 2]'"),
+    ([], "empty"),
+])
+def test_malformed_json_lines_dataset_is_a_value_error_naming_the_file_and_the_line(tmp_path, lines, problem):
+    from hf_moe.data import load_instruction_dataset
+
+    path = _write_rows(tmp_path / "rows.jsonl", lines)
+    with pytest.raises(ValueError) as error:
+        load_instruction_dataset(str(path))
+    assert str(error.value).startswith(f"{path}: {problem}"), str(error.value)
+
+
+def test_json_dataset_is_json_lines_or_one_document(tmp_path):
+    from hf_moe.data import load_instruction_dataset
+
+    lines = _write_rows(tmp_path / "lines.json", [GOOD_ROW, GOOD_ROW])
+    document = _write_rows(tmp_path / "document.json", ["[", f"  {GOOD_ROW},", f"  {GOOD_ROW}", "]"])
+    for path in (lines, document):
+        assert load_instruction_dataset(str(path))["messages"][1][1] == {"role": "assistant", "content": "hi"}
+    broken = _write_rows(tmp_path / "broken.json", ["[", f"  {GOOD_ROW},", f"  {GOOD_ROW[:-1]}", "]"])
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON at line 4, column 1 \(Expecting ','"):
+        load_instruction_dataset(str(broken))

@@ -1,8 +1,10 @@
 """Instruction datasets to chat messages, and tokenisation with the loss on the responses only."""
 
+import json
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 INSTRUCTION_COLUMNS = (("instruction", "response"), ("instruction", "output"), ("prompt", "completion"),
                        ("question", "answer"))
@@ -34,11 +36,74 @@ def load_instruction_dataset(name_or_path: str, split: str = "train") -> Dataset
     """
     path = Path(name_or_path)
     if path.suffix in (".json", ".jsonl"):
-        dataset = load_dataset("json", data_files=str(path), split="train")
+        check_json_rows(path)
+        try:
+            dataset = load_dataset("json", data_files=str(path), split="train")
+        except DatasetGenerationError as error:  # valid JSON that is no table, e.g. a column changing type
+            raise ValueError(f"{path}: `datasets` cannot read its rows as one table: {error.__cause__ or error}") \
+                from error
     else:
         dataset = load_dataset(name_or_path, split=split)
     keep = [column for column in dataset.column_names if column in ("messages", "family", "answer")]
     return dataset.map(_to_messages, remove_columns=[c for c in dataset.column_names if c not in keep])
+
+
+def check_json_rows(path: Path) -> None:
+    """Raise a `ValueError` naming `path` and its first malformed line, unless it is JSON Lines (one JSON object, a
+    row, per line; blank lines allowed) or one JSON document (e.g. a list of rows over several lines).
+
+    Run before `datasets` reads the file: its own errors are a long `DatasetGenerationError` traceback whose row
+    number counts from the start of a chunk, not of the file. Costs one extra parse of the file.
+    """
+    rows, first_is_row = 0, False
+    with path.open("rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip(b"\r\n"))  # columns then count within the line
+            except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError
+                if rows == 0:  # the first line is no value on its own: one document over several lines?
+                    document_error = _json_document_error(path)
+                    if document_error is None:
+                        return
+                    if path.suffix == ".json":  # meant as one document (a .jsonl file is JSON Lines)
+                        raise ValueError(document_error) from error
+                raise ValueError(f"{path}: line {number} is not valid JSON ({_reason(error)}): "
+                                 f"{_excerpt(line)}") from error
+            if rows == 0:
+                first_is_row = isinstance(value, dict)  # JSON Lines; else e.g. a list of rows on one line
+            elif first_is_row and not isinstance(value, dict):
+                raise ValueError(f"{path}: line {number} is not a JSON object (a row): {_excerpt(line)}")
+            rows += 1
+    if rows == 0:
+        raise ValueError(f"{path}: empty; write one JSON object per line (a row)")
+
+
+def _json_document_error(path: Path) -> str | None:
+    """None when the whole file is one JSON document, else the message saying where it is not."""
+    try:
+        json.loads(path.read_bytes())
+    except json.JSONDecodeError as error:
+        lines = error.doc.splitlines()
+        line = lines[error.lineno - 1] if error.lineno <= len(lines) else ""
+        return f"{path}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}): {_excerpt(line)}"
+    except ValueError as error:  # UnicodeDecodeError
+        return f"{path}: not valid JSON ({error})"
+    return None
+
+
+def _reason(error: ValueError) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at column {error.colno}"
+    return str(error)
+
+
+def _excerpt(line: str | bytes, width: int = 60) -> str:
+    """The start of a line of the file, quoted on one line."""
+    text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    text = text.strip()
+    return repr(text if len(text) <= width else f"{text[:width]}...")
 
 
 def ensure_chat_template(tokenizer) -> None:
