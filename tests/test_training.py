@@ -6,13 +6,8 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from hf_moe.data import HELD_IN_FAMILIES, HELD_OUT_FAMILIES, build_mixture
-from hf_moe.training import (
-    NonFiniteGuardCallback,
-    build_trainer,
-    evaluate_model,
-    freeze_moe,
-    train_with_rollback,
-)
+from hf_moe.recipes import build_trainer, evaluate_model
+from hf_moe.training import NonFiniteGuardCallback, freeze_moe, train_with_rollback
 
 from .conftest import byte_tokenizer, finetune_arguments
 
