@@ -183,8 +183,6 @@ def test_finetune_with_a_malformed_jsonl_dataset_says_one_error_line_naming_the_
                             env=environment, timeout=900)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    # Before the error line, stderr may hold third-party noise: the model's 'Loading weights' bar (the model loads
-    # before the dataset) and, on some CPUs, a bitsandbytes kernel warning (peft imports bitsandbytes).
-    lines = result.stderr.splitlines()
-    assert [line for line in lines if "error" in line.lower()] == lines[-1:], result.stderr[-2000:]
+    lines = result.stderr.splitlines()  # the file is checked when the arguments are parsed: nothing else prints
+    assert len(lines) == 1, result.stderr[-2000:]
     assert lines[-1].startswith(f"hf-moe finetune: error: {dataset}: line 13 is not valid JSON (Expecting value")

@@ -8,7 +8,7 @@
 
 The first two are installed on the hf_moe model classes by `install_card_hooks()` (run by `import hf_moe`; the
 modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers' card), the third
-by `use_training_card_on_push` (from `ExpertStatsCallback.on_push_begin`).
+by `use_training_card_on_push` (called by `hf_moe.training.add_moe_callbacks`).
 """
 
 import functools

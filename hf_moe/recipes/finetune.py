@@ -14,10 +14,9 @@ from transformers import (
 )
 
 from ..data import build_mixture, load_instruction_dataset
-from ..data.sft import ensure_chat_template, tokenize_for_sft
+from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
-from ..quantization.lora import attach_moe_lora
 from ..training.callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from ..training.freezing import freeze_moe
 from ..training.optimizer_step import OptimizerStepCallback
@@ -48,6 +47,11 @@ class FinetuneArguments:
     lora_targets: str = field(default="attention,experts", metadata={
         "help": "comma-separated LoRA targets: attention, experts, router"})
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_r)"})
+
+    def __post_init__(self):
+        dataset = Path(self.dataset) if self.dataset else None
+        if dataset is not None and dataset.suffix in (".json", ".jsonl") and dataset.is_file():
+            check_json_rows(dataset)  # at parsing, so a malformed file is one line before any model loads
 
 
 @dataclass
@@ -144,5 +148,7 @@ def load_for_finetuning(model_path: str, load_in_4bit: bool = False, lora_r: int
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  quantization_config=quantization_config)
     if lora_r > 0:
+        from ..quantization.lora import attach_moe_lora  # peft (and bitsandbytes) only when LoRA is asked for
+
         model = attach_moe_lora(model, lora_r, lora_targets, lora_alpha)
     return model

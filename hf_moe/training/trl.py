@@ -122,8 +122,8 @@ class MoeSFTTrainer(_ModelAuxLossMixin, SFTTrainer):
 
     Example:
     ```python
-    >>> trainer = MoeSFTTrainer(model=moe, args=SFTConfig(output_dir="sft"), train_dataset=chats,
-    ...                         callbacks=[ExpertStatsCallback()])
+    >>> trainer = add_moe_callbacks(MoeSFTTrainer(model=moe, args=SFTConfig(output_dir="sft"),
+    ...                                           train_dataset=chats), ExpertStatsCallback())
     ```
     """
 
