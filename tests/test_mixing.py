@@ -141,7 +141,8 @@ def branches(tmp_path_factory):
     return root, folders, tokenizer, prompts, heldout
 
 
-def test_calibrated_mix_routes_each_domain_to_its_expert_and_is_no_worse_than_either_source(branches, tmp_path):
+@pytest.mark.slow
+def test_calibrated_mix_routes_each_domain_to_its_expert_and_stays_near_the_in_domain_source(branches, tmp_path):
     root, folders, tokenizer, prompts, heldout = branches
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     heldout_prompts = [[text.rsplit(" ", 1)[0] for text in heldout[domain]] for domain in DOMAINS]
@@ -159,4 +160,7 @@ def test_calibrated_mix_routes_each_domain_to_its_expert_and_is_no_worse_than_ei
         source_losses = {name: _loss(model, tokenizer, texts) for name, model in sources.items()}
         mixed_loss = _loss(moe, tokenizer, texts)
         print(domain, source_losses, mixed_loss)
-        assert mixed_loss <= max(source_losses.values())
+        # Measured: math 0.58 (math branch) / 4.29 (words branch) -> mix 1.26; words 1.15 / 4.60 -> 2.01. The mix
+        # keeps most of the in-domain branch's advantage: it is closer to the better source than to the worse one.
+        best, worst = min(source_losses.values()), max(source_losses.values())
+        assert mixed_loss - best < 0.5 * (worst - best), (domain, source_losses, mixed_loss)

@@ -48,8 +48,10 @@ def test_base_model_and_sequence_classification_heads(model_type):
     ids = _ids()
     assert base(input_ids=ids).last_hidden_state.shape == (2, 7, 32)
     classifier = AutoModelForSequenceClassification.from_config(config)
-    out = classifier(input_ids=ids, labels=torch.tensor([0, 2]))
-    assert out.logits.shape == (2, 3) and out.loss.item() > 0
+    labels = torch.tensor([0, 2])
+    out = classifier(input_ids=ids, labels=labels)
+    assert out.logits.shape == (2, 3)
+    assert out.loss.item() == pytest.approx(torch.nn.functional.cross_entropy(out.logits, labels).item(), rel=1e-6)
 
 
 def test_save_and_load_round_trip_gives_identical_logits(model_type, tmp_path):
@@ -186,12 +188,20 @@ def test_switch_init_is_scaled_down():
     assert std == pytest.approx((0.1 / 256) ** 0.5 * 0.88, rel=0.1)  # truncated at 2 std shrinks it by ~0.88
 
 
-def test_no_split_modules_allow_device_map_auto():
+def test_no_split_modules_keep_decoder_layers_whole_under_device_map_auto(model_type):
     from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
 
-    model = _model("hf_moe")
-    device_map = infer_auto_device_map(model, max_memory={"cpu": "1GiB"}, no_split_module_classes=model._no_split_modules)
-    assert device_map
+    model = _model(model_type, num_hidden_layers=4)
+    layer_bytes = compute_module_sizes(model)["model.layers.0"]
+    # Room for about two decoder layers per device: the model has to be split, between layers only.
+    device_map = infer_auto_device_map(model, max_memory={0: 2.5 * layer_bytes, 1: 2.5 * layer_bytes,
+                                                          "cpu": 100 * layer_bytes},
+                                       no_split_module_classes=model._no_split_modules)
+    assert len(set(device_map.values())) >= 2, device_map
+    for name in device_map:
+        parts = name.split(".")
+        assert not ("layers" in parts and len(parts) > parts.index("layers") + 2), f"layer split: {name}"
 
 
 def test_peft_lora_reaches_the_fused_experts_and_attention(model_type):

@@ -101,16 +101,16 @@ def test_gradient_accumulation_keeps_lm_loss_and_z_loss_exact_with_varied_rows(t
     assert _max_difference(unmarked, with_z[0]) > 1e-5
 
 
-def test_load_balancing_scope_under_gradient_accumulation(tiny_upcycled, tmp_path, capsys):
-    """One micro-batch: both scopes are the same loss. Accumulated: neither is exact (f_i . P_i is not additive; the
-    global scope's early micro-batches see a partial f_i); the differences are printed for the README."""
+def test_load_balancing_scope_under_gradient_accumulation(tiny_upcycled, tmp_path):
+    """One micro-batch: both scopes are the same loss. Accumulated (GA 4x2 against 1x8): neither is exact (f_i . P_i
+    is not additive over micro-batches), and the global-batch scope, whose f_i counts the whole step, is the closer.
+    Measured: max |weight difference| after one SGD step (lr 1) 0.0161 (micro) vs 0.0131 (global)."""
     reference = _one_sgd_step(tiny_upcycled, tmp_path, 8, 1, z=0.0)
     assert _max_difference(_one_sgd_step(tiny_upcycled, tmp_path, 8, 1, z=0.0, scope="global_batch"), reference) == 0
     differences = {scope: _max_difference(_one_sgd_step(tiny_upcycled, tmp_path, 2, 4, z=0.0, scope=scope), reference)
                    for scope in ("micro_batch", "global_batch")}
-    with capsys.disabled():
-        print(f"\nGA 4x2 vs 1x8, aux loss only, max |weight difference| after one SGD step (lr 1): {differences}")
-    assert all(difference > 1e-7 for difference in differences.values())  # approximate, as documented
+    assert all(1e-4 < difference < 0.05 for difference in differences.values()), differences
+    assert differences["global_batch"] < differences["micro_batch"], differences
 
 
 def _snapshot(model, optimizer):

@@ -234,11 +234,14 @@ def test_a_failure_while_writing_leaves_nothing_and_an_existing_folder_is_kept(t
 
 def test_output_is_sharded_when_larger_than_a_shard(tmp_path):
     source = tmp_path / "llama"
-    _make_dense(source, "llama", sharded=False)
+    dense = _make_dense(source, "llama", sharded=False)
     folder = upcycle(str(source), str(tmp_path / "moe"), max_shard_size="40KB", num_experts=4)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    assert AutoModelForCausalLM.from_pretrained(folder) is not None
+    moe = AutoModelForCausalLM.from_pretrained(folder).eval()  # every shard read back: the dense function
+    ids = torch.randint(3, TINY_DENSE["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert (moe(input_ids=ids).logits - dense(input_ids=ids).logits).abs().max().item() < 1e-4
 
 
 def test_cli_takes_positional_source_and_output(tmp_path, capsys):
