@@ -117,6 +117,10 @@ def test_docs_are_collected_and_markers_known():
     assert not problems, "\n".join(problems)
 
 
+DEFINED_TESTS = {name for path in (ROOT / "tests").glob("*.py")
+                 for name in re.findall(r"^def (test_\w+)\(", path.read_text(encoding="utf-8"), re.MULTILINE)}
+
+
 def _anchors(path: Path) -> set[str]:
     """GitHub's anchors of the headings of a Markdown file (outside code blocks)."""
     anchors, fence = set(), None
@@ -130,7 +134,7 @@ def _anchors(path: Path) -> set[str]:
     return anchors
 
 
-def test_links_between_documents_resolve_and_no_package_index_is_linked():
+def test_links_and_named_tests_exist_and_no_package_index_is_linked():
     problems = []
     for document in DOCUMENTS:
         text = document.read_text(encoding="utf-8")
@@ -144,6 +148,12 @@ def test_links_between_documents_resolve_and_no_package_index_is_linked():
                 problems.append(f"{document.relative_to(ROOT)}: no heading #{anchor} in {target or 'this page'}")
         if "pypi.org" in text:
             problems.append(f"{document.relative_to(ROOT)}: links to PyPI")
+        for test_file in set(re.findall(r"tests/\w+\.py", text)):
+            if not (ROOT / test_file).is_file():
+                problems.append(f"{document.relative_to(ROOT)}: names {test_file}, which does not exist")
+        for test_name in set(re.findall(r"::(test_\w+)", text)):
+            if test_name not in DEFINED_TESTS:
+                problems.append(f"{document.relative_to(ROOT)}: names the test {test_name}, which does not exist")
     assert not problems, "\n".join(problems)
 
 
