@@ -8,9 +8,10 @@ from .experts import (
     unquantized_expert_parameters,
 )
 from .memory import resident_weight_bytes
-from .quantizer import register_experts_quantizers
+from .quantizer import fits_cpu_kernel, keep_cpu_kernel_to_supported_layers, register_experts_quantizers
 
 __all__ = [
     "quantize_experts", "dequantize_experts", "find_fused_experts", "expert_parameters",
     "unquantized_expert_parameters", "resident_weight_bytes", "register_experts_quantizers",
+    "fits_cpu_kernel", "keep_cpu_kernel_to_supported_layers",
 ]

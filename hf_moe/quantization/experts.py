@@ -5,8 +5,10 @@ transformers' bitsandbytes integration swaps only `nn.Linear` layers, so the fus
 precision (bitsandbytes issue 1849). bitsandbytes 0.50 can quantise a bare `nn.Parameter`
 (`bitsandbytes.nn.parametrize.replace_parameter_4bit`): the tensor is stored packed (two 4-bit codes per byte plus one
 absmax per block) and dequantised on access, so every experts backend (eager, `batched_mm`, `grouped_mm`) and peft's
-`target_parameters` keep working unchanged. Routers (`nn.Parameter`, not `nn.Linear`) and norms are never touched:
-they stay in the load dtype (selective precision, Switch Transformer Sec. 2.4).
+`target_parameters` keep working unchanged. They are dequantised in the compute dtype on every device: bitsandbytes'
+fused CPU kernel (AVX512-BF16) is for `Linear4bit` only and never repacks them. Routers (`nn.Parameter`, not
+`nn.Linear`) and norms are never touched: they stay in the load dtype (selective precision, Switch Transformer
+Sec. 2.4).
 """
 
 import logging
@@ -49,8 +51,7 @@ def _expert_tensor(module: nn.Module, parameter_name: str) -> torch.Tensor | Non
         original = module.parametrizations[parameter_name].original
         quant_state = _quant_state(module, parameter_name)
         return torch.empty(quant_state.shape, device="meta") if quant_state is not None else original
-    tensor = module._parameters.get(parameter_name)
-    return tensor if isinstance(tensor, torch.Tensor) else None
+    return dict(module.named_parameters(recurse=False)).get(parameter_name)
 
 
 def unwrapped_name(name: str) -> str:

@@ -21,7 +21,7 @@ def resident_weight_bytes(model: nn.Module) -> int:
     """
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
-        for parameter in module._parameters.values():
+        for parameter in module.parameters(recurse=False):
             tensors += _quant_state_tensors(getattr(parameter, "quant_state", None))
         for parametrizations in getattr(module, "parametrizations", {}).values():
             for parametrization in parametrizations:
