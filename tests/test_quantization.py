@@ -369,6 +369,28 @@ def test_an_eval_forward_does_not_change_qlora_gradients(tiny_folders, cpu_4bit_
         assert torch.allclose(trained_after_eval[name], gradient, atol=1e-6, rtol=1e-4), name
 
 
+def test_the_finetune_recipe_keeps_qlora_gradients_after_an_eval_forward(tiny_folders, cpu_4bit_path):
+    """`hf-moe finetune --load_in_4bit` evaluates between steps: its model keeps every Linear4bit on the generic path,
+    so the gradients after an evaluation are those without one (the failure above, on AVX512-BF16 CPUs)."""
+    from hf_moe.recipes import load_for_finetuning
+
+    def attention_lora_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_for_finetuning(str(tiny_folders["hf_moe"]), load_in_4bit=True, lora_r=2, lora_targets="attention")
+        _randomise_lora_b(model)
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(IDS)
+        model.train()(IDS, labels=IDS).loss.backward()
+        return {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
+
+    trained, trained_after_eval = attention_lora_gradients(False), attention_lora_gradients(True)
+    assert trained and all(gradient is not None for gradient in trained.values())
+    for name, gradient in trained.items():
+        assert trained_after_eval[name] is not None and torch.allclose(trained_after_eval[name], gradient, atol=1e-6,
+                                                                        rtol=1e-4), name
+
+
 def test_dequantize_after_an_eval_forward_gives_the_full_precision_model(tiny_folders, model_type, cpu_4bit_path,
                                                                          request):
     """`model.dequantize()` (hf_moe's quantizer: experts too) gives plain layers and experts holding the 4-bit values,

@@ -110,6 +110,24 @@ class Bnb8BitExpertsHfQuantizer(_ExpertsQuantizerMixin, Bnb8BitHfQuantizer):
     pass
 
 
+def use_generic_cpu_path_for_training(model: nn.Module) -> list[str]:
+    """Keep every `Linear4bit` of a model about to be trained on bitsandbytes' generic CPU path; returns their names.
+
+    On AVX512-BF16 CPUs bitsandbytes 0.50 repacks a `Linear4bit` for its fused kernel at the first eval forward
+    without gradients, and later training forwards run that kernel, which has no backward: no gradient would flow
+    through the frozen 4-bit layers to the LoRA adapters before them after the Trainer's first evaluation. The generic
+    path (dequantise, then matmul) has a backward. No-op on other CPUs (they never take the fused kernel).
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            names.append(name)
+    return names
+
+
 def register_experts_quantizers() -> None:
     """Make transformers' bitsandbytes configs use the experts-aware quantizers (run by `import hf_moe`).
 

@@ -147,6 +147,10 @@ def load_for_finetuning(model_path: str, load_in_4bit: bool = False, lora_r: int
                                                  bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  quantization_config=quantization_config)
+    if load_in_4bit:
+        from ..quantization.quantizer import use_generic_cpu_path_for_training
+
+        use_generic_cpu_path_for_training(model)  # evaluation between steps must not stop the LoRA gradients
     if lora_r > 0:
         from ..quantization.lora import attach_moe_lora  # peft (and bitsandbytes) only when LoRA is asked for
 
