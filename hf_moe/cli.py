@@ -58,8 +58,8 @@ def _benchmark(args) -> Report:
 
 
 def _upcycle(args) -> Report:
-    from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
     from .hub.upcycled import routing_accuracy_markdown
+    from .upcycling import open_dense_checkpoint, run_upcycle, verify_upcycling
 
     dense = open_dense_checkpoint(args.source, args.gguf_file)  # opened (and a GGUF dequantised) once
     folder = run_upcycle(args, dense)

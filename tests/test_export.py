@@ -11,9 +11,9 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from hf_moe import ExportRefusedError, export
+from hf_moe.checkpoints.compare import compare_outputs, model_outputs
 from hf_moe.cli import main
 from hf_moe.export import TARGETS, choose_target, load_natively
-from hf_moe.checkpoints.compare import compare_outputs, model_outputs
 
 from .conftest import tiny_config
 

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from hf_moe import check_folder, publish, upcycle
 from hf_moe.cli import main as cli_main
 from hf_moe.hub import FolderCheckError, merge_eval_results
-from hf_moe.remote_check import load_as_remote_code
 from hf_moe.recipes import build_trainer, run_finetune
+from hf_moe.remote_check import load_as_remote_code
 
 from .conftest import byte_tokenizer, finetune_arguments
 

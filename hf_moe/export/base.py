@@ -14,7 +14,6 @@ from transformers import AutoConfig, PreTrainedConfig
 from ..checkpoints.names import EXPERTS_WEIGHT, ROUTER_WEIGHT, SHARED_EXPERTS_WEIGHT
 
 
-
 @dataclass(frozen=True)
 class Blocker:
     """A feature of the hf_moe model that a target cannot reproduce exactly, and what would make it exportable."""

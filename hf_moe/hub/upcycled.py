@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from .card import command_line, render_card, write_card
 from ..checkpoints.names import hub_id
+from .card import command_line, render_card, write_card
 from .lineage import Lineage, gguf_license, lineage_of
 
 
