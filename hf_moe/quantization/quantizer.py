@@ -18,11 +18,11 @@ from transformers.quantizers import auto as quantizers_auto
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
+from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from .experts import dequantize_experts, quantize_experts
 
 logger = logging.getLogger(__name__)
 
-HF_MOE_MODEL_TYPES = ("hf_moe", "hf_switch", "hf_mh_moe")
 # bitsandbytes 0.50 `_convert_weight_packed_for_cpu(block_n=32)`: the fused CPU kernel works on tiles of 32 output rows.
 CPU_KERNEL_ROW_TILE = 32
 

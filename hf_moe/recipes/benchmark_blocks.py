@@ -14,6 +14,7 @@ from torch import nn
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from ..modeling import MHMoeConfig, MoeConfig, SwitchConfig, mh_moe_matched_config
 from ..modeling.modeling_hf_moe import MHMoeSparseBlock, MoeMLP, MoeSparseBlock
 
@@ -35,7 +36,7 @@ class SparseBlockBenchmarkArguments:
     decode: bool = field(default=True, metadata={"help": "also time greedy decoding (DecodeBenchmarkArguments "
                                                           "defaults): eager vs static cache + torch.compile"})
     decode_new_tokens: int = field(default=32, metadata={"help": "tokens generated per decoding round"})
-    decode_model_types: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={"help": "comma-separated"})
+    decode_model_types: str = field(default=",".join(HF_MOE_MODEL_TYPES), metadata={"help": "comma-separated"})
 
 
 def paired_median_seconds(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -219,7 +220,7 @@ class DecodeBenchmarkArguments:
     prompt_length: int = 16
     new_tokens: int = 32
     repeats: int = field(default=5, metadata={"help": "timed rounds; the median is reported"})
-    model_types: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={"help": "comma-separated"})
+    model_types: str = field(default=",".join(HF_MOE_MODEL_TYPES), metadata={"help": "comma-separated"})
     seed: int = 0
 
 

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..checkpoints.atomic import atomic_output_dir
 from ..checkpoints.compare import compare_outputs
+from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from ..remote_check import load_as_remote_code
 
 DEMO_DECODER = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
@@ -17,7 +18,7 @@ DEMO_DECODER = dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="out/demo", metadata={"help": "one sub-folder per architecture is written here"})
-    model_types: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={"help": "comma-separated"})
+    model_types: str = field(default=",".join(HF_MOE_MODEL_TYPES), metadata={"help": "comma-separated"})
     overwrite: bool = field(default=False, metadata={"help": "replace existing demo folders"})
     seed: int = 0
 
