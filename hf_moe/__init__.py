@@ -21,6 +21,7 @@ _PUBLIC = {
     **dict.fromkeys(["upcycle", "UpcycleArguments", "verify_upcycling"], ".upcycling"),
     "UnsupportedCheckpointError": ".errors",
     **dict.fromkeys(["ExportArguments", "ExportRefusedError", "verify_export"], ".export"),
+    **dict.fromkeys(["prune", "PruneArguments", "verify_pruning"], ".pruning"),
     **dict.fromkeys(["check_folder", "publish"], ".hub"),
 }
 __all__ = [*_PUBLIC, "export"]

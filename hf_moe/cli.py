@@ -29,7 +29,8 @@ from . import __version__
 from .cli_output import Report, format_verification, render
 from .errors import UserError, user_message
 
-POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "finetune": ("model_path",),
+POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "prune": ("source", "output_dir"),
+               "finetune": ("model_path",),
                "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id")}
 
 
@@ -86,6 +87,25 @@ def _export(args) -> Report:
         report = verify_export(args.source, folder)
         result.update(report)
         text += "\n\n" + format_verification(report, candidate="exported", reference="hf_moe")
+    return Report(result, text)
+
+
+def _prune(args) -> Report:
+    from .cli_output import table
+    from .pruning import run_prune, verify_pruning
+
+    folder = run_prune(args)
+    report = json.loads((folder / "pruning.json").read_text())
+    experts = report["num_experts"]
+    how = "merged (HC-SMoE)" if report["merge"] else f"pruned by {report['method']}"
+    text = (f"{how}: {experts['source']} -> {experts['pruned']} experts per sparse layer, written to {folder}\n\n"
+            + table([{"layer": entry["layer"], "kept": entry["kept"], "removed": entry["removed"]}
+                     for entry in report["plan"]]))
+    result = {"output_dir": str(folder), **report}
+    if args.verify:
+        verification = verify_pruning(args.source, folder)
+        result["verification"] = verification
+        text += "\n\n" + format_verification(verification, candidate="pruned", reference="source")
     return Report(result, text)
 
 
@@ -182,6 +202,8 @@ def _commands() -> dict:
                     "Llama-family checkpoint -> MoE (no SOURCE: the embedded SmolLM2-135M-Instruct)"),
         "export": ("hf_moe.export.export:ExportArguments", _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|"
                    "qwen3_moe: the same model as a native checkpoint for stock transformers (or a refusal naming why)"),
+        "prune": ("hf_moe.pruning.arguments:PruneArguments", _prune, "MODEL OUT --keep N|RATIO --method reap|frequency|"
+                  "ean [--merge]: fewer experts per sparse layer, same architecture (REAP / HC-SMoE)"),
         "demo": ("hf_moe.recipes.demo:DemoArguments", _demo,
                  "build, save, reload as remote code and generate, for each architecture"),
         "finetune": (("hf_moe.recipes.finetune:FinetuneArguments", "hf_moe.recipes.finetune:FinetuneTrainingArguments"),

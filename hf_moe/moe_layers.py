@@ -133,3 +133,40 @@ def moe_module_names(model: nn.Module, part: str) -> list[str]:
     """Names of the router ('router'), expert ('experts', shared experts included) or both ('moe') modules of every
     sparse block: targets for freezing, quantisation or LoRA."""
     return [name for layer in find_moe_layers(model) for name in layer.module_names(part)]
+
+
+# ------------------------------------------------------------------------------------------------ config fields
+# Where a config keeps the routed-expert count E; the name differs by family and version (transformers 5.24: hf_moe,
+# Qwen2-MoE, OLMoE `num_experts`; Mixtral, Qwen3-MoE `num_local_experts`; DeepSeek-V3 `n_routed_experts`, the others
+# aliases of it). The experts per token k is `num_experts_per_tok` in all of them.
+EXPERT_COUNT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def expert_count_field(config) -> str | None:
+    """The config field that holds the number of routed experts per sparse layer (None for a dense config).
+
+    The name stored in config.json, not an alias: DeepSeek-V3 maps `num_local_experts` to `n_routed_experts`.
+    """
+    stored = config.to_dict()
+    for field in EXPERT_COUNT_FIELDS:
+        if isinstance(stored.get(field), int) and stored[field] > 0:
+            return field
+    return None
+
+
+@dataclass(frozen=True)
+class RoutingGroups:
+    """Group-limited routing (DeepSeek-V3's `n_group` / `topk_group`): the E experts form `count` contiguous groups
+    of E / count; a token first picks the `chosen` groups with the best sum of their top-2 scores, then its k experts
+    inside them. `count=1` is plain top-k."""
+
+    count: int = 1
+    chosen: int = 1
+
+
+def routing_groups(config) -> RoutingGroups:
+    """The routing groups of `config` (DeepSeek-V3 family: `n_group` / `topk_group`; everything else: one group)."""
+    count = getattr(config, "n_group", None)
+    if isinstance(count, int) and count > 1:
+        return RoutingGroups(count=count, chosen=getattr(config, "topk_group", None) or count)
+    return RoutingGroups()

@@ -30,6 +30,17 @@ ROUTER_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.gate\.weight")
 EXPERTS_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.experts\.(?P<proj>gate_up_proj|down_proj)")
 SHARED_EXPERTS_WEIGHT = re.compile(r"(?P<layer>model\.layers\.\d+)\.mlp\.shared_experts\.(?P<proj>\w+)\.weight")
 
+# Any MoE family's routed-expert tensors on disk, by decoder layer: the router (`gate.weight`, and every other router
+# tensor with one row per expert: hf_moe's `noise_weight`, DeepSeek-V3's `e_score_correction_bias`), the fused experts
+# (hf_moe and transformers 5.x modules: `experts.gate_up_proj (E, 2I, H)`, `experts.down_proj (E, H, I)`) or one set of
+# tensors per expert (what transformers 5.x `save_pretrained` writes for Mixtral, Qwen2/3-MoE, OLMoE and DeepSeek-V3,
+# as on the Hub: `experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`). Shared experts
+# (`shared_expert`, `shared_experts`, `shared_expert_gate`) match none of these.
+_SPARSE_BLOCK_ON_DISK = r"(?P<block>model\.layers\.(?P<layer>\d+)\.(?:mlp|block_sparse_moe))"
+ROUTER_TENSOR = re.compile(_SPARSE_BLOCK_ON_DISK + r"\.gate\.(?P<name>\w+)")
+FUSED_EXPERTS_TENSOR = re.compile(_SPARSE_BLOCK_ON_DISK + r"\.experts\.(?P<name>[A-Za-z_]\w*)")
+PER_EXPERT_TENSOR = re.compile(_SPARSE_BLOCK_ON_DISK + r"\.experts\.(?P<expert>\d+)\.(?P<name>[\w.]+)")
+
 
 @dataclass(frozen=True)
 class SparseBlockNames:

@@ -19,7 +19,8 @@ from .lineage import Lineage
 CARD_MARKER = "<!-- hf_moe model card -->"
 ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch Transformer (top-1)",
                       "hf_mh_moe": "Multi-Head Mixture-of-Experts"}
-KIND_TAGS = {"upcycled": "upcycled", "fine-tuned": "fine-tuned", "saved": None, "exported": "exported"}
+KIND_TAGS = {"upcycled": "upcycled", "fine-tuned": "fine-tuned", "saved": None, "exported": "exported",
+             "pruned": "pruned"}
 # hf_moe is not on PyPI: cards name it without a link (a link must not point to a page that does not exist).
 HF_MOE = "hf_moe"
 LIMITATIONS = [
@@ -33,6 +34,9 @@ KIND_LIMITATIONS = {
     "exported": "Exact in float32. In bfloat16/float16 the native routers compute their logits in the model dtype "
                 "where hf_moe uses float32, so tokens near a routing tie can pick another expert.",
     "fine-tuned": "Fine-tuned with a short recipe (see Training); check the evaluation on your own task first.",
+    "pruned": "Experts were removed (or merged) without retraining, chosen on the calibration data named under "
+              "Pruning: the model differs from its source, most where that data does not reach; evaluate it on "
+              "your own task first.",
 }
 
 
@@ -130,7 +134,8 @@ def _summary(kind: str, config, lineage: Lineage) -> str:
         parent = None
     made = {"upcycled": "upcycled from the dense model {} (sparse upcycling, arXiv 2212.05055)",
             "fine-tuned": "fine-tuned from {} with the stock `transformers.Trainer` and hf_moe's MoE callbacks",
-            "saved": "derived from {}"}[kind]
+            "saved": "derived from {}",
+            "pruned": "pruned from {} (fewer routed experts per sparse layer; see Pruning)"}[kind]
     text = f"A **{architecture}** model built with {HF_MOE}"
     return text + (", " + made.format(parent) if parent else "") + "."
 
@@ -139,15 +144,19 @@ def render_card(kind: str, config, *, model, model_name: str, lineage: Lineage |
                 upcycling: dict | None = None, training: dict | None = None, command: str | None = None,
                 datasets: list[str] | None = None, extra_tags: tuple[str, ...] = (),
                 summary: str | None = None, architecture: list[tuple[str, str]] | None = None,
-                limitations: list[str] | None = None) -> ModelCard:
+                limitations: list[str] | None = None, pruning: dict | None = None,
+                remote_code: bool | None = None) -> ModelCard:
     """The model card of an hf_moe model folder.
 
-    `kind`: "upcycled", "fine-tuned", "saved" or "exported" (a native checkpoint: loaded without remote code);
+    `kind`: "upcycled", "fine-tuned", "saved", "exported" (a native checkpoint: loaded without remote code) or
+    "pruned";
     `summary` / `architecture` / `limitations` replace the defaults of `kind`; `model`: the model (a meta-device
     instance is enough) for the
     parameter counts; `upcycling` / `training`: the optional sections ({"rows": [(label, value)], "equivalence": str}
-    and {"recipe": [...], "heatmap": relative path, "load_rows": [...], "load_step": int}); `command`: the command
-    that made the folder.
+    and {"recipe": [...], "heatmap": relative path, "load_rows": [...], "load_step": int}); `pruning`: the pruning
+    section ({"rows": [(label, value)], "note": str, "heatmap": relative path, "heatmap_caption": str});
+    `remote_code`: whether the usage snippet loads remote code (default: every kind but "exported"); `command`: the
+    command that made the folder.
 
     Example:
     ```python
@@ -158,7 +167,7 @@ def render_card(kind: str, config, *, model, model_name: str, lineage: Lineage |
     lineage = lineage or Lineage()
     data = card_metadata(kind, config, lineage, datasets, extra_tags)
     template = resources.files("hf_moe.model_cards").joinpath("model_card.md").read_text()
-    remote_code = kind != "exported"
+    remote_code = kind != "exported" if remote_code is None else remote_code
     if limitations is None:
         limitations = [*([KIND_LIMITATIONS[kind]] if kind in KIND_LIMITATIONS else []),
                        *(LIMITATIONS if remote_code else LIMITATIONS[1:])]
@@ -166,7 +175,7 @@ def render_card(kind: str, config, *, model, model_name: str, lineage: Lineage |
         data, template_str=template, model_name=model_name, model_id=model_name, model_type=config.model_type,
         summary=summary or _summary(kind, config, lineage),
         architecture=architecture or architecture_rows(config, model), remote_code=remote_code,
-        upcycling=upcycling, training=training, command=command, limitations=limitations,
+        upcycling=upcycling, training=training, pruning=pruning, command=command, limitations=limitations,
     )
 
 

@@ -1,0 +1,65 @@
+"""Calibration token sequences: the embedded task mixture by default, any `datasets` dataset or JSON / JSONL file
+(chat `messages`, instruction/response columns as `hf-moe finetune` reads them, or plain `text`), or token ids."""
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..data import HELD_IN_FAMILIES, build_mixture, load_instruction_dataset
+from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
+
+
+def _load_table(name: str, split: str):
+    from datasets import load_dataset
+
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl"):
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file {path} does not exist")
+        check_json_rows(path)
+        return load_dataset("json", data_files=str(path), split="train")
+    return load_dataset(name, split=split)
+
+
+def calibration_inputs(tokenizer, calibration=None, samples: int = 64, max_length: int = 256, split: str = "train",
+                       seed: int = 0) -> tuple[list[torch.Tensor], str]:
+    """((1, seq) token-id tensors, a description of where they come from).
+
+    `calibration`: None (the embedded task mixture's training split, all held-in families), a dataset name / folder /
+    `.json` / `.jsonl` path (rows with `text` are tokenised as they are; chat or instruction rows through the
+    tokenizer's chat template, the whole conversation), or a list of token-id sequences used as they are. At most
+    `samples` rows (shuffled with `seed`), each cut to `max_length` tokens.
+    """
+    if samples < 1 or max_length < 1:
+        raise ValueError(f"`calibration_samples`={samples} and `max_length`={max_length} must be >= 1")
+    if calibration is not None and not isinstance(calibration, (str, Path)):
+        sequences = [torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)[:, :max_length] for ids in calibration]
+        sequences = [ids for ids in sequences if ids.numel()]
+        if not sequences:
+            raise ValueError("`calibration` holds no token ids")
+        return sequences, f"{len(sequences)} given token sequences"
+    if tokenizer is None:
+        raise ValueError("calibration text needs a tokenizer: pass `tokenizer=` (or token ids as `calibration`)")
+    if calibration is None:
+        per_family = math.ceil(samples / len(HELD_IN_FAMILIES))
+        rows = build_mixture(train_per_family=per_family, eval_per_family=1, seed=seed)["train"]
+        description = f"the embedded task mixture (train split, seed {seed})"
+    else:
+        name = str(calibration)
+        table = _load_table(name, split)
+        is_text = "text" in table.column_names and "messages" not in table.column_names
+        rows = table if is_text else load_instruction_dataset(name, split)
+        rows = rows.shuffle(seed=seed)
+        description = Path(name).name if Path(name).exists() else name
+    rows = rows.select(range(min(samples, len(rows))))
+    if "text" in rows.column_names and "messages" not in rows.column_names:
+        sequences = [tokenizer(text, return_tensors="pt").input_ids[:, :max_length] for text in rows["text"]]
+    else:
+        ensure_chat_template(tokenizer)
+        sequences = [torch.tensor([tokenize_for_sft(tokenizer, messages, max_length)["input_ids"]])
+                     for messages in rows["messages"]]
+    sequences = [ids for ids in sequences if ids.numel()]
+    if not sequences:
+        raise ValueError(f"calibration data {description} holds no text")
+    return sequences, description
