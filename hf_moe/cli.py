@@ -155,6 +155,15 @@ def _benchmark_export(args) -> dict:
     return benchmark_export(args)
 
 
+def _benchmark_pruning(args) -> Report:
+    from .recipes.benchmark_pruning import benchmark_pruning, format_table
+
+    result = benchmark_pruning(args)
+    return Report(result, f"{result['model']}: {result['calibration_sequences']} calibration sequences "
+                          f"({result['calibration']}), {result['eval_per_family']} evaluation examples per task "
+                          f"family\n\n{format_table(result)}")
+
+
 def _check(args) -> Report:
     from .hub import check_folder
 
@@ -225,6 +234,9 @@ def _commands() -> dict:
                               "time and peak memory: streaming upcycling vs in-memory expansion"),
         "benchmark-export": ("hf_moe.recipes.benchmark_export:ExportBenchmarkArguments", _benchmark_export,
                              "time and peak memory: streaming export vs load + save_pretrained"),
+        "benchmark-pruning": ("hf_moe.recipes.benchmark_pruning:PruningBenchmarkArguments", _benchmark_pruning,
+                              "prune / merge a fine-tuned MoE to several budgets: held-out loss, exact match, size, "
+                              "decoding speed"),
         "benchmark-quantization": ("hf_moe.recipes.benchmark_quantization:QuantizationBenchmarkArguments",
                                    _benchmark_quantization, "4-bit (experts included) vs bf16: weight memory, "
                                    "max |Δlogit|, greedy agreement, forward time"),

@@ -73,6 +73,9 @@ def test_no_import_cycle_between_modules():
     ("hf_moe.checkpoints", "hf_moe.export"),
     ("hf_moe.checkpoints", "hf_moe.hub"),
     ("hf_moe.checkpoints", "hf_moe.training"),
+    ("hf_moe.checkpoints", "hf_moe.pruning"),
+    ("hf_moe.pruning", "hf_moe.export"),
+    ("hf_moe.pruning", "hf_moe.upcycling"),
     ("hf_moe.export", "hf_moe.upcycling"),
     ("hf_moe.upcycling", "hf_moe.export"),
 ])
