@@ -17,7 +17,7 @@ _PUBLIC = {
         ["MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config", "MoeModel", "MoeForCausalLM",
          "MoeForSequenceClassification", "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
          "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification", "MoeCausalLMOutput",
-         "load_balancing_loss", "router_z_loss"], ".modeling"),
+         "load_balancing_loss", "router_z_loss", "sequence_balance_loss"], ".modeling"),
     **dict.fromkeys(["upcycle", "UpcycleArguments", "verify_upcycling"], ".upcycling"),
     "UnsupportedCheckpointError": ".errors",
     **dict.fromkeys(["ExportArguments", "ExportRefusedError", "verify_export"], ".export"),

@@ -10,16 +10,23 @@ quantisation / LoRA helpers all go through it. Routers are recognised by convent
 Either way the router's output is `(router_logits (tokens, E), top_k_weights (tokens, k), top_k_index (tokens, k))`.
 The sparse block is the router's parent; its `experts` child holds the routed experts and its `shared_expert*`
 children the always-active ones (Qwen2-MoE's `shared_expert` and `shared_expert_gate`, DeepSeek's `shared_experts`).
+
+A router's selection bias (auxiliary-loss-free balancing) is the tensor named `e_score_correction_bias`, in every
+family that has one: hf_moe's routers with `router_bias_update_rate` > 0 and transformers' DeepSeek-V3, GLM-4-MoE,
+dots1, Kimi-Linear, MiMo-V2-Flash... on the router itself; Ernie-4.5-MoE one level below (`gate.moe_statics`, a
+parameter without gradient); MiniMax-M2 and HY-V3 on the sparse block, which passes it to the router.
 """
 
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 MOE_PARTS = ("router", "experts", "moe")
+SELECTION_BIAS = "e_score_correction_bias"  # the selection bias's name, in hf_moe and transformers alike
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,8 @@ class MoeLayer:
     shared_expert_names: tuple[str, ...]
     num_experts: int
     top_k: int
+    selection_bias_name: str | None = None  # the router's selection bias (a `model.named_buffers()` or
+    # `named_parameters()` name), None when it has none
 
     @property
     def block_name(self) -> str:
@@ -78,6 +87,16 @@ def _looks_like_router(module: nn.Module) -> bool:
             and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == num_experts)
 
 
+def _selection_bias_name(router_name: str, router: nn.Module, block_name: str, block: nn.Module) -> str | None:
+    """The full name of the router's selection bias: on the router or a child of it, else on the sparse block."""
+    for prefix, module, recurse in ((router_name, router, True), (block_name, block, False)):
+        tensors = [*module.named_buffers(recurse=recurse), *module.named_parameters(recurse=recurse)]
+        for name, _ in tensors:
+            if name.rpartition(".")[2] == SELECTION_BIAS:
+                return f"{prefix}.{name}" if prefix else name
+    return None
+
+
 def _layer_index(name: str, fallback: int) -> int:
     parts = name.split(".")
     for key in ("layers", "h", "blocks"):
@@ -113,11 +132,21 @@ def find_moe_layers(model: nn.Module, warn: bool = False) -> list[MoeLayer]:
         num_experts = getattr(module, "num_experts", None) or (weight.shape[0] if weight is not None else 0)
         config = getattr(model, "config", None)
         top_k = getattr(module, "top_k", None) or getattr(config, "num_experts_per_tok", 1)
-        layers.append(MoeLayer(_layer_index(name, len(layers)), name, module, experts, shared, num_experts, top_k))
+        bias = _selection_bias_name(name, module, block_name, block)
+        layers.append(MoeLayer(_layer_index(name, len(layers)), name, module, experts, shared, num_experts, top_k,
+                               bias))
     if warn and not layers:
         logger.warning("%s (model_type=%r) has no recognisable MoE router: expert statistics, freezing and the expert "
                        "report do not apply to it", type(model).__name__, model_type(model))
     return sorted(layers, key=lambda layer: layer.index)
+
+
+def selection_bias(model: nn.Module, layer: MoeLayer) -> torch.Tensor | None:
+    """The tensor of `layer`'s selection bias in `model` (None when the router has none)."""
+    if layer.selection_bias_name is None:
+        return None
+    module_name, _, tensor_name = layer.selection_bias_name.rpartition(".")
+    return getattr(model.get_submodule(module_name), tensor_name)
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -19,6 +19,7 @@ from .modeling_hf_moe import (
     SwitchModel,
     load_balancing_loss,
     router_z_loss,
+    sequence_balance_loss,
 )
 
 __all__ = [
@@ -26,5 +27,5 @@ __all__ = [
     "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification",
     "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
     "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
-    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",
+    "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "sequence_balance_loss",
 ]

@@ -109,7 +109,8 @@ class MoeConfig(PreTrainedConfig):
 
     Auxiliary losses (added to the LM loss when `labels` are given):
         router_aux_loss_coef (`float`, defaults to 0.01): weight of the load-balancing loss
-            `E * sum_e f_e * P_e` (Switch eq. 4, GShard), which is 1 under uniform routing.
+            `E * sum_e f_e * P_e` (Switch eq. 4, GShard), which is 1 under uniform routing. f_e counts the experts
+            actually chosen (with a selection bias, the biased choice), P_e the unbiased probabilities.
         router_z_loss_coef (`float`, defaults to 0.001): weight of the router z-loss `mean(logsumexp(logits)^2)`
             (ST-MoE eq. 5).
         router_aux_loss_scope (`str`, defaults to `"micro_batch"`): over which tokens the expert-selection
@@ -118,7 +119,18 @@ class MoeConfig(PreTrainedConfig):
             all data-parallel processes (one all-reduce of a (layers, E) tensor per forward call) and over the
             gradient-accumulation micro-batches of the optimizer step seen so far (see
             `MoeForCausalLM.begin_optimizer_step`); P_e stays local and carries the gradient.
+        router_sequence_aux_loss_coef (`float`, defaults to 0.0): weight of the sequence-wise balance loss of
+            DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2, eqs. 17-20): `E * sum_e f_e * P_e` computed within each
+            sequence and averaged over the sequences, which keeps single sequences from piling onto few experts.
+            DeepSeek-V3 pairs a tiny weight (1e-4) with the selection bias below; 0 turns it off.
         output_router_logits (`bool`, defaults to `False`): return the per-layer router logits.
+
+    Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664; DeepSeek-V3):
+        router_bias_update_rate (`float`, defaults to 0.0): gamma. When > 0, every router carries a float32 buffer
+            `e_score_correction_bias` (E,), saved with the weights, that is added to the softmax probabilities for
+            the top-k selection only: the gating weights stay the unbiased probabilities. After every optimizer step
+            `hf_moe.training.AuxLossFreeBalancingCallback` moves it by `gamma * sign(mean load - load_e)` (the paper
+            uses 1e-3). 0 = no bias: routing by the probabilities alone.
 
     Provenance:
         base_model (`str`, *optional*): the dense checkpoint this model was upcycled from, for the model card.
@@ -134,7 +146,7 @@ class MoeConfig(PreTrainedConfig):
 
     model_type = "hf_moe"
     _auto_class = "AutoConfig"  # `save_pretrained` copies this file next to config.json
-    keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "z_loss", "router_logits"]
+    keys_to_ignore_at_inference = ["past_key_values", "aux_loss", "z_loss", "sequence_aux_loss", "router_logits"]
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
         "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
@@ -186,7 +198,10 @@ class MoeConfig(PreTrainedConfig):
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     router_aux_loss_scope: str = "micro_batch"
+    router_sequence_aux_loss_coef: float = 0.0
     output_router_logits: bool = False
+    # auxiliary-loss-free balancing
+    router_bias_update_rate: float = 0.0
     # provenance
     base_model: str | None = None
 
@@ -230,7 +245,8 @@ class MoeConfig(PreTrainedConfig):
         for field in ("router_jitter_noise", "expert_dropout", "attention_dropout"):
             value = getattr(self, field)
             _require(0.0 <= value < 1.0, field, value, "must be in [0, 1)")
-        for field in ("router_aux_loss_coef", "router_z_loss_coef", "initializer_range"):
+        for field in ("router_aux_loss_coef", "router_z_loss_coef", "router_sequence_aux_loss_coef",
+                      "router_bias_update_rate", "initializer_range"):
             value = getattr(self, field)
             _require(value >= 0, field, value, "must be >= 0")
         _require(self.initializer_scale is None or self.initializer_scale > 0, "initializer_scale",

@@ -221,6 +221,10 @@ class MoeTopKRouter(nn.Module):
     Used by all three architectures (Switch: k=1 with capacity; MH-MoE: on sub-tokens of width d/h). Returns
     `(router_logits (tokens, E) float32, top_k_weights (tokens, k), top_k_index (tokens, k))`; the logits are the
     clean ones (no noise), which the load-balancing and z-losses read.
+
+    With `router_bias_update_rate` > 0 the router carries `e_score_correction_bias (E,)` (float32, no gradient):
+    auxiliary-loss-free balancing (arXiv 2408.15664, eq. 3) chooses the top-k of `probs + bias` but weights the chosen
+    experts by their unbiased `probs`. The name is the buffer's in transformers' DeepSeek-V3 / GLM-4-MoE routers.
     """
 
     def __init__(self, config: MoeConfig, input_size: int):
@@ -237,6 +241,15 @@ class MoeTopKRouter(nn.Module):
         self.noise_weight = (
             nn.Parameter(torch.empty(config.num_experts, input_size)) if config.router_type == "noisy_topk" else None
         )
+        self.register_buffer("e_score_correction_bias", None)  # a slot: saved once it holds a tensor
+        if config.router_bias_update_rate > 0:
+            self.add_selection_bias()
+
+    def add_selection_bias(self) -> None:
+        """Give the router a zero selection bias (no-op when it has one)."""
+        if self.e_score_correction_bias is None:
+            self.e_score_correction_bias = torch.zeros(self.num_experts, dtype=torch.float32,
+                                                       device=self.weight.device)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -254,7 +267,11 @@ class MoeTopKRouter(nn.Module):
             noise_std = F.softplus(F.linear(router_input, self.noise_weight.to(router_dtype)))
             selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
         router_probs = selection_logits.softmax(dim=-1)
-        top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
+        if self.e_score_correction_bias is None:
+            top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
+        else:  # the bias decides which experts, the unbiased probabilities how much (arXiv 2408.15664, eq. 3)
+            top_k_index = (router_probs + self.e_score_correction_bias).topk(self.top_k, dim=-1).indices
+            top_k_weights = router_probs.gather(-1, top_k_index)  # (tokens, k)
         if self.norm_topk_prob:
             norm = top_k_weights.sum(dim=-1, keepdim=True)
             # Straight-through: a detached denominator keeps the values but lets top-1 weights (p/p = 1) pass p's
@@ -290,14 +307,29 @@ def _masked_mean(values: torch.Tensor, row_mask: torch.Tensor | None) -> torch.T
     return (values * weights).sum(0) / row_mask.sum().clamp(min=1.0)
 
 
+def chosen_experts(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, k) the experts a router with these clean logits chooses: top-k of the softmax, plus the selection bias
+    when it has one (as `MoeTopKRouter` chooses them)."""
+    scores = logits.float().softmax(dim=-1)
+    if selection_bias is not None:
+        scores = scores + selection_bias.to(scores.device, torch.float32)
+    return scores.topk(top_k, dim=-1).indices
+
+
+def _layer_bias(selection_biases, layer: int) -> torch.Tensor | None:
+    return None if selection_biases is None else selection_biases[layer]
+
+
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
-                        num_subtokens: int = 1, dispatch_fraction: torch.Tensor | None = None) -> torch.Tensor:
+                        num_subtokens: int = 1, dispatch_fraction: torch.Tensor | None = None,
+                        selection_biases: tuple[torch.Tensor | None, ...] | None = None) -> torch.Tensor:
     """Load-balancing loss, Switch Transformer eq. 4 (GShard for k > 1): `E * sum_e f_e * P_e`, averaged over layers.
 
-    `f_e` is the fraction of the (token, choice) assignments that pick expert e (top-k of the clean softmax),
-    `P_e` the mean router probability of e. It equals 1 under uniform routing and E when every token picks one
-    expert with certainty. Padding tokens (attention mask 0) are excluded; MH-MoE sub-tokens count as tokens.
-    A given `dispatch_fraction` (layers, E) replaces the f_e of these logits (global-batch balancing).
+    `f_e` is the fraction of the (token, choice) assignments that pick expert e (top-k of the clean softmax, plus the
+    layer's entry of `selection_biases` when the routers carry one), `P_e` the mean router probability of e. It equals
+    1 under uniform routing and E when every token picks one expert with certainty. Padding tokens (attention mask 0)
+    are excluded; MH-MoE sub-tokens count as tokens. A given `dispatch_fraction` (layers, E) replaces the f_e of
+    these logits (global-batch balancing).
     """
     if not router_logits:
         return torch.zeros(())
@@ -307,7 +339,8 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, att
         num_experts = probs.shape[-1]
         row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
         if dispatch_fraction is None:
-            chosen = F.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+            chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
+                               num_experts).sum(dim=1).float()  # (rows, E)
             fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
         else:
             fraction = dispatch_fraction[layer].to(probs.device)
@@ -316,14 +349,49 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, att
     return torch.stack(losses).mean()
 
 
+def sequence_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, batch_size: int, attention_mask=None,
+                          num_subtokens: int = 1, selection_biases: tuple[torch.Tensor | None, ...] | None = None
+                          ) -> torch.Tensor:
+    """Sequence-wise balance loss, DeepSeek-V3 (arXiv 2412.19437) eqs. 17-20: `E * sum_e f_e * P_e` within each
+    sequence (f_e: the share of the sequence's assignments that chose e, bias included; P_e: its mean normalised
+    affinity, here the softmax probability), averaged over the sequences and layers. 1 under uniform routing.
+
+    Rows are `(batch_size * seq * num_subtokens)` in sequence order; padding (attention mask 0) is excluded and a
+    sequence without real tokens does not count.
+    """
+    if not router_logits:
+        return torch.zeros(())
+    losses = []
+    for layer, logits in enumerate(router_logits):
+        probs = logits.float().softmax(dim=-1)  # (rows, E)
+        num_experts = probs.shape[-1]
+        chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
+                           num_experts).sum(dim=1).float()  # (rows, E)
+        row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
+        if row_mask is None:
+            row_mask = probs.new_ones(probs.shape[0])
+        row_mask = row_mask.reshape(batch_size, -1, 1)  # (batch, seq * subtokens, 1)
+        rows_per_sequence = row_mask.sum(1)  # (batch, 1)
+        fraction = (chosen.reshape(batch_size, -1, num_experts) * row_mask).sum(1) / (
+            top_k * rows_per_sequence.clamp(min=1))  # (batch, E)
+        mean_probability = (probs.reshape(batch_size, -1, num_experts) * row_mask).sum(1) / rows_per_sequence.clamp(
+            min=1)  # (batch, E)
+        per_sequence = num_experts * (fraction * mean_probability).sum(-1)  # (batch,)
+        real = (rows_per_sequence.squeeze(-1) > 0).float()
+        losses.append((per_sequence * real).sum() / real.sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
 def expert_dispatch_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
-                           num_subtokens: int = 1) -> torch.Tensor:
+                           num_subtokens: int = 1, selection_biases: tuple[torch.Tensor | None, ...] | None = None
+                           ) -> torch.Tensor:
     """(layers, E) float32: how many (non-padding row, choice) assignments picked each expert, per layer."""
     counts = []
-    for logits in router_logits:
+    for layer, logits in enumerate(router_logits):
         num_experts = logits.shape[-1]
-        chosen = F.one_hot(logits.topk(top_k, dim=-1).indices, num_experts).sum(dim=1).float()  # (rows, E)
+        chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
+                           num_experts).sum(dim=1).float()  # (rows, E)
         row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
         counts.append(chosen.sum(0) if row_mask is None else (chosen * row_mask[:, None]).sum(0))
     return torch.stack(counts)
@@ -688,11 +756,14 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
 class MoeCausalLMOutput(MoeCausalLMOutputWithPast):
     """`MoeCausalLMOutputWithPast` plus the loss terms separately.
 
-    `loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` when labels are given.
+    `loss = lm_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss
+    (+ router_sequence_aux_loss_coef * sequence_aux_loss)` when labels are given; `sequence_aux_loss` is computed only
+    when its coefficient is > 0.
     """
 
     lm_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    sequence_aux_loss: torch.Tensor | None = None
 
 
 def real_token_mask(attention_mask, batch_size: int, seq_len: int, past_seen_tokens) -> torch.Tensor | None:
@@ -740,6 +811,8 @@ class MoePreTrainedModel(PreTrainedModel):
 
     # `save_pretrained` copies this file and its configuration next to the weights and writes `auto_map`.
     _auto_class = "AutoModel"
+    # The selection bias moves by ~1e-3 per step: loaded in bf16 / fp16 such steps would round away (as DeepSeek-V3).
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -752,6 +825,8 @@ class MoePreTrainedModel(PreTrainedModel):
             self._init_matrix(module.weight, fan_in=module.weight.shape[-1])
             if module.noise_weight is not None:
                 init.zeros_(module.noise_weight)  # Shazeer et al. 2017, App. A: start without noise
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)  # a new bias starts neutral
         elif isinstance(module, MHMoeSparseBlock):
             # arXiv 2404.15045, Algorithm 1.
             init.xavier_uniform_(module.head_proj.weight, gain=2**-0.5)
@@ -773,6 +848,19 @@ class MoePreTrainedModel(PreTrainedModel):
         # transformers defaults to its "grouped_mm" backend; the experts' own forward is faster for these models
         # (README, benchmark table), so it is the default here. Any registered backend can still be requested.
         return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+
+    def set_router_bias_update_rate(self, rate: float) -> None:
+        """Switch auxiliary-loss-free balancing on or off: sets `config.router_bias_update_rate`; with `rate` > 0
+        every router without a selection bias gets a zero one (existing biases are kept), with 0 the biases are
+        removed and routing goes by the probabilities alone again."""
+        self.config.router_bias_update_rate = rate
+        self.config.validate()
+        for module in self.modules():
+            if isinstance(module, MoeTopKRouter):
+                if rate > 0:
+                    module.add_selection_bias()
+                else:
+                    module.e_score_correction_bias = None
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # transformers writes only the saved class into `auto_map`; list every head so that all Auto classes load
@@ -905,15 +993,23 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
-        loss = lm_loss = aux_loss = z_loss = None
+        loss = lm_loss = aux_loss = z_loss = sequence_aux_loss = None
         if need_router_logits:
-            aux_loss = load_balancing_loss(outputs.router_logits, config.num_experts_per_tok, attention_mask,
+            router_logits, biases = outputs.router_logits, self.selection_biases()
+            aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask,
                                            config.num_subtokens, self._global_dispatch_fraction(
-                                               outputs.router_logits, attention_mask, labels)).to(logits.device)
-            z_loss = router_z_loss(outputs.router_logits, attention_mask, config.num_subtokens).to(logits.device)
+                                               router_logits, attention_mask, labels, biases),
+                                           selection_biases=biases).to(logits.device)
+            z_loss = router_z_loss(router_logits, attention_mask, config.num_subtokens).to(logits.device)
+            if config.router_sequence_aux_loss_coef > 0:
+                sequence_aux_loss = sequence_balance_loss(
+                    router_logits, config.num_experts_per_tok, outputs.last_hidden_state.shape[0], attention_mask,
+                    config.num_subtokens, biases).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
             aux_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+            if sequence_aux_loss is not None:
+                aux_terms = aux_terms + config.router_sequence_aux_loss_coef * sequence_aux_loss
             loss = lm_loss + aux_terms * self._share_of_step(labels, attention_mask, outputs.last_hidden_state.shape,
                                                              kwargs)
 
@@ -922,6 +1018,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             lm_loss=lm_loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
+            sequence_aux_loss=sequence_aux_loss,
             logits=logits,
             **{_CACHE_NAME: getattr(outputs, _CACHE_NAME)},
             hidden_states=outputs.hidden_states,
@@ -947,13 +1044,19 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         """Back to per-forward behaviour (no shared counts, label-token weighting), e.g. after training."""
         self._optimizer_step = None
 
-    def _global_dispatch_fraction(self, router_logits, attention_mask, labels) -> torch.Tensor | None:
+    def selection_biases(self) -> tuple[torch.Tensor | None, ...] | None:
+        """The routers' selection biases in layer order (auxiliary-loss-free balancing), or None without any."""
+        biases = tuple(layer.mlp.gate.e_score_correction_bias for layer in self.model.layers if layer.is_sparse)
+        return biases if any(bias is not None for bias in biases) else None
+
+    def _global_dispatch_fraction(self, router_logits, attention_mask, labels, selection_biases=None
+                                  ) -> torch.Tensor | None:
         """f_e (layers, E) over the data-parallel processes and the step so far, or None for micro-batch scope."""
         config = self.config
         if config.router_aux_loss_scope != "global_batch" or not self.training or labels is None:
             return None  # collectives only in training forwards, which every process runs
         counts = _sum_over_processes(expert_dispatch_counts(router_logits, config.num_experts_per_tok,
-                                                            attention_mask, config.num_subtokens))
+                                                            attention_mask, config.num_subtokens, selection_biases))
         step = getattr(self, "_optimizer_step", None)
         if step is not None:
             counts = step.add(counts)
@@ -1040,5 +1143,6 @@ __all__ = [
     "SwitchPreTrainedModel", "SwitchModel", "SwitchForCausalLM", "SwitchForSequenceClassification",
     "MHMoePreTrainedModel", "MHMoeModel", "MHMoeForCausalLM", "MHMoeForSequenceClassification",
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
+    "sequence_balance_loss", "chosen_experts",
 ]
 __all__ += ["expert_dispatch_counts", "OptimizerStepRouting"]

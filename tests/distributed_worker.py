@@ -7,6 +7,9 @@ and writes `result_rank<r>.json` with the largest differences it found and the l
   architecture: logits and gradients of the same batch against one process.
 - Global-batch load balancing over data-parallel processes in a plain loop: rank r takes rows 4r..4r+3 of the
   8-row batch; the aux loss and the gradients (summed over ranks, as DDP does) against one process with all 8 rows.
+- Auxiliary-loss-free balancing (tests/test_balancing.py): 3 SGD steps, each of 8 rows split over 2 ranks x 2
+  micro-batches of 2; the selection biases against one process with 8 rows per step, and the all-reduce calls made
+  by the forwards and by `SelectionBiasBalancer.step`.
 """
 
 import datetime
@@ -78,6 +81,52 @@ def check_global_batch_balancing(folder: Path) -> dict:
     return result
 
 
+def check_selection_bias(folder: Path) -> dict:
+    from hf_moe.moe_layers import find_moe_layers, selection_bias
+    from hf_moe.training import SelectionBiasBalancer
+
+    reference = load_file(str(folder / "reference.safetensors"))
+    batch = load_file(str(folder / "batch.safetensors"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    balancer = SelectionBiasBalancer(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = {"count": 0}
+    all_reduce = dist.all_reduce
+
+    def counted_all_reduce(*args, **kwargs):
+        calls["count"] += 1
+        return all_reduce(*args, **kwargs)
+
+    in_forwards, per_step = 0, []
+    for step in range(3):
+        rows_of_step = {key: value[8 * step:8 * step + 8] for key, value in batch.items()}
+        num_items = rows_of_step["labels"][:, 1:].ne(-100).sum()  # the step's label tokens on all ranks
+        dist.all_reduce = counted_all_reduce
+        for micro in range(2):  # this rank's 4 rows as 2 micro-batches of 2
+            rows = slice(4 * rank + 2 * micro, 4 * rank + 2 * micro + 2)
+            out = model(**{key: value[rows] for key, value in rows_of_step.items()}, num_items_in_batch=num_items)
+            (out.loss * world).backward()
+        in_forwards += calls["count"]
+        dist.all_reduce = all_reduce
+        for parameter in model.parameters():  # what DDP does: average the gradients
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= world
+        optimizer.step()
+        optimizer.zero_grad()
+        calls["count"] = 0
+        dist.all_reduce = counted_all_reduce
+        balancer.step()
+        dist.all_reduce = all_reduce
+        per_step.append(calls["count"])
+        calls["count"] = 0
+    biases = [selection_bias(model, layer).reshape(-1) for layer in find_moe_layers(model)]
+    difference = max((b - reference[f"bias.{i}"]).abs().max().item() for i, b in enumerate(biases))
+    return {"bias": difference, "moved": max(b.abs().max().item() for b in biases),
+            "all_reduce_in_forwards": in_forwards, "all_reduce_per_step": per_step}
+
+
 def main(workdir: Path) -> None:
     faulthandler.dump_traceback_later(240, exit=True)  # a stuck collective fails the test with the stacks
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
@@ -89,6 +138,8 @@ def main(workdir: Path) -> None:
             results[folder.name] = check_parallel_plan(folder, kind)
         elif kind == "global_batch":
             results[folder.name] = check_global_batch_balancing(folder)
+        elif kind == "selection_bias":
+            results[folder.name] = check_selection_bias(folder)
     (workdir / f"result_rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     faulthandler.cancel_dump_traceback_later()

@@ -61,7 +61,7 @@ def qwen_moe_fields(config) -> dict:
 
 
 def common_blockers(config) -> list[Blocker]:
-    """What no target can reproduce: MH-MoE, token dropping at inference, learned router noise."""
+    """What no target can reproduce: MH-MoE, token dropping at inference, a selection bias, learned router noise."""
     blockers = []
     if config.model_type == "hf_mh_moe":
         blockers.append(Blocker(
@@ -76,6 +76,11 @@ def common_blockers(config) -> list[Blocker]:
             "while native MoE layers are dropless",
             "set `eval_capacity_factor=None` (dropless inference) in config.json, which changes the outputs "
             "wherever the limit bound"))
+    if getattr(config, "router_bias_update_rate", 0):
+        blockers.append(Blocker(
+            f"a router selection bias (auxiliary-loss-free balancing, `router_bias_update_rate`="
+            f"{config.router_bias_update_rate}, tensors `mlp.gate.e_score_correction_bias`): the native routers choose "
+            "experts by probability alone"))
     if config.router_type == "noisy_topk":
         blockers.append(Blocker(
             "noisy top-k router weights (`router_type`='noisy_topk', tensors `mlp.gate.noise_weight`): the native "
@@ -118,6 +123,7 @@ TRAINING_ONLY_FIELDS = {
     "router_jitter_noise": (0.0, "router input jitter while training"),
     "expert_dropout": (0.0, "dropout inside the experts while training"),
     "router_z_loss_coef": (0.0, "router z-loss weight"),
+    "router_sequence_aux_loss_coef": (0.0, "sequence-wise balance loss weight"),
     "straight_through_topk": (False, "straight-through gradient of renormalised top-k weights"),
     "initializer_scale": (None, "Switch-style initialisation"),
 }

@@ -73,7 +73,13 @@ def _router_description(config) -> str:
         router += ", top-k weights renormalised"
     if config.router_jitter_noise:
         router += f", jitter {config.router_jitter_noise}"
-    return router + f"; aux loss coef {config.router_aux_loss_coef}, z-loss coef {config.router_z_loss_coef}"
+    router += f"; aux loss coef {config.router_aux_loss_coef}, z-loss coef {config.router_z_loss_coef}"
+    if config.router_sequence_aux_loss_coef:
+        router += f", sequence-wise aux loss coef {config.router_sequence_aux_loss_coef}"
+    if config.router_bias_update_rate:
+        router += (f"; selection bias `e_score_correction_bias` (auxiliary-loss-free balancing, update rate "
+                   f"{config.router_bias_update_rate:g})")
+    return router
 
 
 def architecture_rows(config, model) -> list[tuple[str, str]]:

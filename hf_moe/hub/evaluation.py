@@ -31,12 +31,16 @@ def eval_results(report: dict) -> list[EvalResult]:
 def _section(report: dict, images: list[str]) -> str:
     lines = [SECTION_START, "## Evaluation", "",
              "`hf-moe evaluate` on the embedded task mixture (greedy decoding, exact match per family; perplexity "
-             "on response tokens):", "", "| split | perplexity | exact match (mean) | per family |", "|---|---|---|---|"]
+             "on response tokens; MaxVio = max expert load / mean expert load - 1 over the split, averaged over the "
+             "sparse layers):", "", "| split | perplexity | exact match (mean) | MaxVio | per family |",
+             "|---|---|---|---|---|"]
     for split, metrics in report.items():
         if isinstance(metrics, dict) and "perplexity" in metrics:
             families = ", ".join(f"{family} {value:.2f}"
                                  for family, value in sorted(metrics["exact_match_per_family"].items()))
-            lines.append(f"| {split} | {metrics['perplexity']:.3f} | {metrics['exact_match']:.3f} | {families} |")
+            max_vio = f"{metrics['max_vio']:.3f}" if "max_vio" in metrics else "n/a"
+            lines.append(f"| {split} | {metrics['perplexity']:.3f} | {metrics['exact_match']:.3f} | {max_vio} | "
+                         f"{families} |")
     lines += [""] + [f"![Expert load by task family]({image})" for image in images] + [SECTION_END]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@ from ..moe_layers import moe_module_names
 from .card import command_line, render_card, write_card
 from .lineage import lineage_of
 
-_LAYER_KEY = re.compile(r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|router_entropy|dropped_fraction)")
+_LAYER_KEY = re.compile(
+    r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|max_vio|router_entropy|dropped_fraction)")
 _HEATMAP = re.compile(r"expert_load_step(?P<step>\d+)\.png")
 
 
@@ -26,6 +27,28 @@ def frozen_parts(model) -> str:
     return ", ".join(frozen) or "none"
 
 
+def balancing_description(trainer, model) -> str:
+    """How the run balanced the experts: the aux-loss weights and whether a selection bias was trained (with gamma)."""
+    from ..moe_layers import find_moe_layers
+    from ..training.balancing import AuxLossFreeBalancingCallback, bias_update_rate
+
+    config = model.config
+    parts = [f"aux loss coef {getattr(config, 'router_aux_loss_coef', 'n/a')}"]
+    if getattr(config, "router_aux_loss_scope", None):
+        parts[0] += f" ({config.router_aux_loss_scope})"
+    if getattr(config, "router_sequence_aux_loss_coef", 0):
+        parts.append(f"sequence-wise aux loss coef {config.router_sequence_aux_loss_coef}")
+    if any(layer.selection_bias_name for layer in find_moe_layers(model)):
+        balancers = [callback for callback in trainer.callback_handler.callbacks
+                     if isinstance(callback, AuxLossFreeBalancingCallback)]
+        if balancers:
+            gamma = bias_update_rate(model, balancers[0].update_rate)
+            parts.append(f"auxiliary-loss-free selection bias, updated every step (gamma {gamma:g})")
+        else:
+            parts.append("selection bias held fixed (no balancing callback)")
+    return "; ".join(parts)
+
+
 def _last(log_history: list[dict], key: str) -> tuple[float, int] | None:
     for entry in reversed(log_history):
         if key in entry:
@@ -34,7 +57,7 @@ def _last(log_history: list[dict], key: str) -> tuple[float, int] | None:
 
 
 def router_summary(log_history: list[dict]) -> tuple[list[dict], int | None]:
-    """Per-layer imbalance, entropy and dropped fraction from the last log entry that has them."""
+    """Per-layer imbalance, MaxVio, entropy and dropped fraction from the last log entry that has them."""
     for entry in reversed(log_history):
         rows: dict[int, dict] = {}
         for key, value in entry.items():
@@ -43,7 +66,7 @@ def router_summary(log_history: list[dict]) -> tuple[list[dict], int | None]:
                 rows.setdefault(int(match["layer"]), {"layer": int(match["layer"])})[match["metric"]] = value
         if rows:
             table = [{"layer": row["layer"], "imbalance": row.get("imbalance_max_over_mean", float("nan")),
-                      "entropy": row.get("router_entropy", float("nan")),
+                      "max_vio": row.get("max_vio", float("nan")), "entropy": row.get("router_entropy", float("nan")),
                       "dropped": row.get("dropped_fraction", 0.0)} for _, row in sorted(rows.items())]
             return table, entry.get("step")
     return [], None
@@ -71,6 +94,7 @@ def training_section(trainer, data: str | None = None) -> dict:
                                 f" schedule, {args.warmup_steps} warmup steps"),
               ("optimizer", str(getattr(args.optim, "value", args.optim))),
               ("frozen MoE parts", frozen_parts(model)),
+              ("load balancing", balancing_description(trainer, model)),
               ("trainable parameters", f"{trainable:,} of {total:,}")]
     if data:
         recipe.append(("data", data))

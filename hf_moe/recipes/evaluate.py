@@ -15,7 +15,7 @@ from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
 from ..hub.evaluation import record_evaluation
 from ..metrics import EXACT_MATCH_PATH
 from ..training.heatmap import save_load_heatmap
-from ..training.router_stats import RouterStatsRecorder
+from ..training.router_stats import RouterStatsRecorder, max_violation
 
 
 @dataclass
@@ -36,7 +36,8 @@ def _chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, report_dir: Path | None = None
                    ) -> dict:
-    """Per split: perplexity over response tokens and exact match per family; per family: expert load.
+    """Per split: perplexity over response tokens, exact match per family and MaxVio (the split's load over all its
+    examples: the paper's MaxVio_global); per family: expert load.
 
     `splits` maps a split name to a dataset with `family`, `messages` and `answer` columns.
     """
@@ -50,6 +51,7 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
         for split_name, dataset in splits.items():
             nll, tokens = 0.0, 0
             predictions, references = defaultdict(list), defaultdict(list)
+            split_load = {}  # layer -> (E,) assignments of the split's scored forward calls
             for row in dataset:
                 recorder.reset()
                 features = tokenize_for_sft(tokenizer, row["messages"], max_length=512)
@@ -61,6 +63,8 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
                 if recorder.routers:
                     _, load = recorder.load_matrix(cumulative=False)
                     family_loads.setdefault(row["family"], []).append(load)
+                    for layer, counts in recorder.loads.items():
+                        split_load[layer] = split_load.get(layer, 0) + counts
                 prompt = _chat_prompt_ids(tokenizer, row["messages"])
                 generated = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -78,6 +82,10 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
                 "examples": {family: list(zip(predictions[family][:3], references[family][:3], strict=True))
                              for family in predictions},
             }
+            if split_load:
+                per_layer = {layer: max_violation(load).item() for layer, load in sorted(split_load.items())}
+                report[split_name]["max_vio"] = sum(per_layer.values()) / len(per_layer)
+                report[split_name]["max_vio_per_layer"] = per_layer
     finally:
         recorder.remove()
     if family_loads:
@@ -123,9 +131,11 @@ def format_evaluation(report: dict) -> str:
     from ..cli_output import table
 
     splits = {name: values for name, values in report.items() if isinstance(values, dict) and "perplexity" in values}
-    overall = table([{"split": name, **{key: values[key] for key in ("perplexity", "loss", "exact_match")}}
+    overall = table([{"split": name, **{key: values.get(key) for key in ("perplexity", "loss", "exact_match",
+                                                                          "max_vio")}}
                      for name, values in splits.items()],
-                    {"split": "split", "perplexity": "perplexity", "loss": "loss", "exact_match": "exact match"})
+                    {"split": "split", "perplexity": "perplexity", "loss": "loss", "exact_match": "exact match",
+                     "max_vio": "MaxVio"})
     families = sorted({family for values in splits.values() for family in values["exact_match_per_family"]})
     per_family = table([{"family": family, **{name: values["exact_match_per_family"].get(family)
                                               for name, values in splits.items()}} for family in families],

@@ -17,6 +17,7 @@ from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card
 from ..moe_layers import find_moe_layers
+from ..training.balancing import AuxLossFreeBalancingCallback, no_selection_bias_message
 from ..training.callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
 from ..training.freezing import freeze_moe
 from ..training.optimizer_step import OptimizerStepCallback
@@ -39,6 +40,11 @@ class FinetuneArguments:
     router_aux_loss_scope: str | None = field(default=None, metadata={
         "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
+    router_bias_update_rate: float | None = field(default=None, metadata={
+        "help": "auxiliary-loss-free balancing: gamma of the routers' selection bias, updated after every optimizer "
+                "step (hf_moe models get the bias; DeepSeek-V3, GLM-4.5-MoE, ... have one); 0 = off (docs: Balancing)"})
+    router_sequence_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "hf_moe models: weight of DeepSeek-V3's sequence-wise balance loss (e.g. 1e-4 with the bias)"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
     nonfinite_max_consecutive: int = field(default=3, metadata={"help": "rollback after N non-finite steps in a row"})
     load_in_4bit: bool = field(default=False, metadata={
@@ -106,18 +112,45 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
         model.config.router_aux_loss_scope = args.router_aux_loss_scope
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
-    if args.router_aux_loss_scope is not None or args.router_aux_loss_coef is not None:
+    if args.router_sequence_aux_loss_coef is not None:
+        if not hasattr(model.config, "router_sequence_aux_loss_coef"):
+            raise ValueError(f"`router_sequence_aux_loss_coef` applies to hf_moe models, not to model_type="
+                             f"{model.config.model_type!r}")
+        model.config.router_sequence_aux_loss_coef = args.router_sequence_aux_loss_coef
+    if any(value is not None for value in (args.router_aux_loss_scope, args.router_aux_loss_coef,
+                                           args.router_sequence_aux_loss_coef)):
         model.config.validate()
+    update_rate = _set_up_selection_bias(model, args.router_bias_update_rate)
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
     train, evaluation = tokenized_splits(args, tokenizer, training_args.seed)
     callbacks = [NonFiniteGuardCallback(args.nonfinite_max_consecutive)]
     if find_moe_layers(model, warn=True):
         callbacks[:0] = [ExpertStatsCallback(), OptimizerStepCallback()]
+        if update_rate:
+            callbacks.insert(0, AuxLossFreeBalancingCallback(update_rate))
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
                       callbacks=list(extra_callbacks))
     return add_moe_callbacks(trainer, *callbacks)
+
+
+def _set_up_selection_bias(model, update_rate: float | None) -> float:
+    """Apply `--router_bias_update_rate` to `model`; returns the gamma to train with (0: no bias balancing).
+
+    hf_moe models get (or, with 0, lose) their selection bias; a model of another family must already have one
+    (`e_score_correction_bias`). Without the option, an hf_moe model trains with the gamma of its config.
+    """
+    config = model.config
+    if update_rate is None:
+        return getattr(config, "router_bias_update_rate", 0.0) or 0.0
+    if update_rate < 0:
+        raise ValueError(f"`router_bias_update_rate`={update_rate!r} is invalid: must be >= 0 (0 = off)")
+    if hasattr(model, "set_router_bias_update_rate"):  # hf_moe (also through a peft wrapper)
+        model.set_router_bias_update_rate(update_rate)
+    elif update_rate > 0 and not any(layer.selection_bias_name for layer in find_moe_layers(model)):
+        raise ValueError(no_selection_bias_message(model))
+    return update_rate
 
 
 def run_finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Path:

@@ -8,7 +8,7 @@ from transformers import DefaultFlowCallback, PrinterCallback, ProgressCallback,
 
 from .heatmap import save_load_heatmap
 from .optimizer_step import OptimizerStepCallback
-from .router_stats import RouterStatsRecorder, is_per_layer_key
+from .router_stats import LOSS_TERMS, RouterStatsRecorder, is_per_layer_key
 from .zero3 import set_zero3_leaf_sparse_blocks
 
 logger = logging.getLogger(__name__)
@@ -117,9 +117,11 @@ class ExpertStatsCallback(_MoeLogCallback):
     """Logs MoE statistics at every logging step into `state.log_history` and every `report_to` logger.
 
     Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the model's LM loss, load-balancing
-    loss and z-loss (`moe/model_lm_loss`, `moe/model_aux_loss`, `moe/model_z_loss`), the router's own aux and z-loss,
-    the fraction of assignments per expert, imbalance (max/mean and coefficient of variation), router entropy,
-    dropped fraction (capacity), expert activation rate and, for MH-MoE, distinct experts per token. At every save
+    loss and z-loss (`moe/model_lm_loss`, `moe/model_aux_loss`, `moe/model_z_loss`, and `moe/model_sequence_aux_loss`
+    when the model has that term), the router's own aux and z-loss, the fraction of assignments per expert, imbalance
+    (max/mean and coefficient of variation), MaxVio (`max_vio`: max load / mean load - 1 of each optimizer step's
+    global batch, averaged over the steps since the last log), router entropy, dropped fraction (capacity), expert
+    activation rate and, for MH-MoE, distinct experts per token. Loads count real tokens, not padding. At every save
     and evaluation a per-layer x per-expert load heatmap (PNG) is written to the output folder and, with TensorBoard,
     logged as an image.
 
@@ -149,6 +151,10 @@ class ExpertStatsCallback(_MoeLogCallback):
             self._write_heatmap(args, state)  # the whole run, for the model card
             self.recorder.remove()
             self.recorder = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.end_step()  # the step's load, for its MaxVio
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.recorder is None or logs is None or "loss" not in logs:  # training logs only
@@ -188,7 +194,8 @@ def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:
 
     Under data parallelism each process routes its own shard of the batch; the logged load must be the global one.
     A collective: every process calls it at the same logging step (the Trainer runs `on_log` on all processes; only
-    the main process's reporters write). Costs one all-reduce per sparse layer per logging step.
+    the main process's reporters write). Costs one all-reduce per sparse layer per logging step, and one for the loads
+    of the optimizer steps since the last log (each step's MaxVio is that of its global batch).
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1):
@@ -199,7 +206,7 @@ def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:
     for layer in sorted(recorder.routers):
         totals = recorder.totals[layer]
         loss_terms = [(sum(recorder.loss_terms.get(key, [])), len(recorder.loss_terms.get(key, [])))
-                      for key in ("lm_loss", "aux_loss", "z_loss")] if layer == min(recorder.routers) else []
+                      for key in LOSS_TERMS] if layer == min(recorder.routers) else []
         packed = torch.tensor([*recorder.loads[layer].tolist(), *(totals[key] for key in _SUMMED_TOTALS),
                                *(value for pair in loss_terms for value in pair)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(packed)
@@ -210,11 +217,26 @@ def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:
         recorder.loads[layer] = global_load
         for index, key in enumerate(_SUMMED_TOTALS):
             totals[key] = packed[num_experts + index].item()
-        for index, key in enumerate(("lm_loss", "aux_loss", "z_loss") if loss_terms else ()):
+        for index, key in enumerate(LOSS_TERMS if loss_terms else ()):
             total, count = packed[num_experts + len(_SUMMED_TOTALS) + 2 * index:][:2].tolist()
             recorder.loss_terms.pop(key, None)
             if count:
                 recorder.loss_terms[key] = [total / count]
+    _sum_step_loads_over_processes(recorder, device)
+
+
+def _sum_step_loads_over_processes(recorder: RouterStatsRecorder, device: torch.device) -> None:
+    """The per-step loads since the last log, summed over processes in one all-reduce (every process ran the same
+    optimizer steps, so the histories line up)."""
+    layers = sorted(recorder.routers)
+    if not recorder.step_history:
+        return
+    flat = torch.cat([step.get(layer, torch.zeros(recorder.num_experts[layer])).float()
+                      for step in recorder.step_history for layer in layers]).to(device, torch.float64)
+    torch.distributed.all_reduce(flat)
+    chunks = iter(flat.cpu().float().split([recorder.num_experts[layer] for _ in recorder.step_history
+                                            for layer in layers]))
+    recorder.step_history = [{layer: next(chunks) for layer in layers} for _ in recorder.step_history]
 
 
 class NonFiniteGuardCallback(_MoeLogCallback):

@@ -1,4 +1,5 @@
-"""Expert statistics read from the routers with forward hooks: load per expert, imbalance, entropy, drops, losses."""
+"""Expert statistics read from the routers with forward hooks: load per expert, imbalance, MaxVio, entropy, drops,
+losses."""
 
 import re
 from collections import defaultdict
@@ -16,25 +17,46 @@ def is_per_layer_key(key: str) -> bool:
     return re.match(r"moe/layer\d+/", key) is not None
 
 
+LOSS_TERMS = ("lm_loss", "aux_loss", "z_loss", "sequence_aux_loss")  # the model's own terms (MoeCausalLMOutput)
+
+
+def max_violation(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio (Wang et al., arXiv 2408.15664, eq. 4): `max_e load_e / mean_e load_e - 1` over the last dimension;
+    0 when every expert gets the same load."""
+    load = load.float()
+    return load.max(-1).values / load.mean(-1).clamp(min=1e-12) - 1
+
+
 class RouterStatsRecorder:
     """Accumulates per-layer routing statistics from the routers' outputs until `summary()` is read.
 
     Recorded per sparse layer: router rows (tokens, or sub-tokens for MH-MoE), assignments per expert, dropped
     assignments (capacity), summed router entropy, the load-balancing loss and z-loss of each forward call, and the
     number of distinct experts the sub-tokens of one token reach (MH-MoE). Work per forward call is a handful of
-    reductions on the (tokens, E) router output, done without gradient.
+    reductions on the (tokens, E) router output, done without gradient. The load (assignments per expert) and the
+    dropped assignments count the tokens the attention mask marks real: padding does not load an expert.
+
+    The load since the last `end_step()` is also kept per optimizer step on the routers' device (no host sync):
+    `end_step()` returns it, and `summary()` averages the MaxVio of each step's load (the paper's MaxVio_batch) when
+    steps were marked. `loads_only=True` records that load and nothing else (what the balancing callback needs).
     """
 
-    def __init__(self, model: nn.Module, only_training: bool = True):
-        self.layers = find_moe_layers(model, warn=True)
+    def __init__(self, model: nn.Module, only_training: bool = True, loads_only: bool = False):
+        self.layers = find_moe_layers(model, warn=not loads_only)
         self.routers = {layer.index: layer.router for layer in self.layers}
         self.num_experts = {layer.index: layer.num_experts for layer in self.layers}
         self.only_training = only_training
+        self.loads_only = loads_only
         self.num_subtokens = getattr(getattr(model, "config", None), "num_subtokens", 1)
+        self.attention_mask = None
         self.handles = [layer.router.register_forward_hook(self._hook(layer.index, layer.top_k))
                         for layer in self.layers]
-        # The model's own loss terms (lm_loss, aux_loss, z_loss of MoeCausalLMOutput), as the Trainer computed them.
-        self.handles.append(model.register_forward_hook(self._record_loss_terms))
+        # The attention mask of the current forward call: which router rows are padding.
+        self.handles.append(model.register_forward_pre_hook(self._record_attention_mask, with_kwargs=True))
+        if not loads_only:
+            # The model's own loss terms (lm_loss, aux_loss, z_loss of MoeCausalLMOutput), as the Trainer computed them.
+            self.handles.append(model.register_forward_hook(self._record_loss_terms))
+        self.step_load: dict[int, torch.Tensor] = {}
         self.reset()
         self.cumulative_load = {layer: torch.zeros(count) for layer, count in self.num_experts.items()}
 
@@ -42,6 +64,32 @@ class RouterStatsRecorder:
         self.loss_terms = defaultdict(list)
         self.totals = defaultdict(lambda: defaultdict(float))
         self.loads = {layer: torch.zeros(count) for layer, count in self.num_experts.items()}
+        self.step_history: list[dict[int, torch.Tensor]] = []  # per marked step: {layer: load}, on the CPU
+
+    def end_step(self) -> dict[int, torch.Tensor]:
+        """Close an optimizer step: returns {layer: load (E,)} counted since the previous call, on the routers'
+        device (layers without a training forward since then are left out), and starts the next step's count."""
+        step_load, self.step_load = self.step_load, {}
+        if not self.loads_only and step_load:
+            self.step_history.append({layer: load.float().cpu() for layer, load in step_load.items()})
+        return step_load
+
+    def _record_attention_mask(self, module, args, kwargs) -> None:
+        self.attention_mask = kwargs.get("attention_mask")
+
+    def _row_mask(self, rows: int) -> torch.Tensor | None:
+        """(rows,) 1.0 for router rows of real tokens, 0.0 for padding; None when unknown (then every row counts).
+
+        Router rows are (batch * seq * sub-tokens) of the current call; a 2-D attention mask may also cover cached
+        tokens (generation), so only its last `seq` columns apply.
+        """
+        mask = self.attention_mask
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or rows % (mask.shape[0] * self.num_subtokens):
+            return None
+        seq = rows // (mask.shape[0] * self.num_subtokens)
+        if seq > mask.shape[1]:
+            return None
+        return mask[:, -seq:].reshape(-1).float().repeat_interleave(self.num_subtokens)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -51,7 +99,7 @@ class RouterStatsRecorder:
     def _record_loss_terms(self, module, inputs, outputs) -> None:
         if self.only_training and not module.training:
             return
-        for key in ("lm_loss", "aux_loss", "z_loss"):
+        for key in LOSS_TERMS:
             value = getattr(outputs, key, None)
             if isinstance(value, torch.Tensor):
                 self.loss_terms[key].append(value.detach().float().item())
@@ -71,16 +119,23 @@ class RouterStatsRecorder:
         return record
 
     def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
-        totals = self.totals[layer]
         rows, top_k = index.shape
-        load = torch.bincount(index.reshape(-1), minlength=self.num_experts[layer]).float().cpu()
+        row_mask = self._row_mask(rows)
+        counted = (torch.ones(rows, device=index.device) if row_mask is None else row_mask.to(index.device))
+        counted = counted.repeat_interleave(top_k)  # (rows * k,) one per assignment
+        load = torch.zeros(self.num_experts[layer], device=index.device).index_add_(0, index.reshape(-1), counted)
+        self.step_load[layer] = load if layer not in self.step_load else self.step_load[layer] + load
+        if self.loads_only:
+            return
+        totals = self.totals[layer]
+        load = load.cpu()
         self.loads[layer] += load
         self.cumulative_load[layer] += load
         probs = logits.float().softmax(-1)
         totals["calls"] += 1
         totals["rows"] += rows
-        totals["assignments"] += rows * top_k
-        totals["dropped"] += (weights == 0).sum().item()
+        totals["assignments"] += counted.sum().item()
+        totals["dropped"] += ((weights.reshape(-1) == 0).float() * counted).sum().item()
         totals["entropy"] += -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum().item()
         totals["aux_loss"] += load_balancing_loss((logits,), top_k).item()
         totals["z_loss"] += router_z_loss((logits,)).item()
@@ -105,13 +160,17 @@ class RouterStatsRecorder:
             if not totals["calls"]:
                 continue
             fraction = load / load.sum().clamp(min=1)
+            step_loads = [step[layer] for step in self.step_history if layer in step and step[layer].sum() > 0]
             values = {
                 "aux_loss": totals["aux_loss"] / totals["calls"],
                 "z_loss": totals["z_loss"] / totals["calls"],
                 "imbalance_max_over_mean": (fraction.max() / fraction.mean()).item(),
+                # Per optimizer step (the global batch once summed over processes), averaged over the steps.
+                "max_vio": (max_violation(torch.stack(step_loads)).mean() if step_loads
+                            else max_violation(load)).item(),
                 "imbalance_cv": (fraction.std(unbiased=False) / fraction.mean()).item(),
                 "router_entropy": totals["entropy"] / totals["rows"],
-                "dropped_fraction": totals["dropped"] / totals["assignments"],
+                "dropped_fraction": totals["dropped"] / max(totals["assignments"], 1),
                 "expert_activation_rate": (load > 0).float().mean().item(),
             }
             if totals["tokens"]:

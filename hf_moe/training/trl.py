@@ -1,5 +1,6 @@
 """TRL's `SFTTrainer` and `DPOTrainer` for hf_moe models: the loss they optimise and log carries the model's own
-auxiliary terms, `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss`.
+auxiliary terms, `router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss` (plus
+`router_sequence_aux_loss_coef * sequence_aux_loss` when that weight is > 0).
 
 Stock TRL 1.16 replaces the model's forward with a fused LM head and, for any MoE, adds Mixtral's load-balancing
 loss on the router logits: for hf_moe that is k times the model's own (top-2: the coefficient silently doubled),
@@ -22,12 +23,19 @@ These classes lean on TRL internals (`compute_loss`, `aux_loss_enabled`, `_metri
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401  (configs re-exported for convenience)
 
-from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, _share_of_accumulated_batch, load_balancing_loss, router_z_loss
-from ..moe_layers import find_moe_layers
+from ..modeling.modeling_hf_moe import (
+    SPARSE_BLOCKS,
+    _share_of_accumulated_batch,
+    load_balancing_loss,
+    router_z_loss,
+    sequence_balance_loss,
+)
+from ..moe_layers import find_moe_layers, selection_bias
 
 
 class _FirstForwardRouterLogits:
@@ -91,6 +99,7 @@ class _ModelAuxLossMixin:
         self.aux_loss_enabled = False  # no Mixtral aux loss from TRL; the model's terms are added in compute_loss
         self.moe_aux_coef = self.router_aux_loss_coef  # as TRL resolved it: args.router_aux_loss_coef or the config's
         self.moe_z_coef = config.router_z_loss_coef
+        self.moe_sequence_coef = config.router_sequence_aux_loss_coef
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.is_hf_moe:
@@ -102,16 +111,27 @@ class _ModelAuxLossMixin:
                                           num_items_in_batch=num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         logits = tuple(routed.logits)
-        aux = load_balancing_loss(logits, config.num_experts_per_tok, routed.attention_mask, config.num_subtokens)
+        biases = tuple(selection_bias(model, layer) for layer in find_moe_layers(model))  # layer order, as routed
+        biases = biases if any(bias is not None for bias in biases) else None
+        aux = load_balancing_loss(logits, config.num_experts_per_tok, routed.attention_mask, config.num_subtokens,
+                                  selection_biases=biases)
         z = router_z_loss(logits, routed.attention_mask, config.num_subtokens)
+        terms, logged = self.moe_aux_coef * aux + self.moe_z_coef * z, {"aux_loss": aux, "z_loss": z}
+        if self.moe_sequence_coef > 0 and logits:
+            # Sequences are the rows of the batch (a padding-free packed batch is one row: one sequence).
+            mask = routed.attention_mask
+            batch_size = mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else 1
+            sequence = sequence_balance_loss(logits, config.num_experts_per_tok, batch_size, mask,
+                                             config.num_subtokens, biases)
+            terms, logged["sequence_aux_loss"] = terms + self.moe_sequence_coef * sequence, sequence
         weight = 1.0
         if self.aux_weighted_by_token_share and "labels" in inputs:
             weight = _share_of_accumulated_batch(inputs["labels"], num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 weight = weight * self.accelerator.num_processes  # as TRL scales its LM loss (DDP averages)
-        loss = loss + (self.moe_aux_coef * aux + self.moe_z_coef * z).to(loss.device) * weight
+        loss = loss + terms.to(loss.device) * weight
         mode = "train" if self.model.training else "eval"
-        for key, value in (("aux_loss", aux), ("z_loss", z)):
+        for key, value in logged.items():
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
