@@ -397,7 +397,28 @@ def test_cli_prune_errors_are_one_line_and_a_run_prints_the_plan(dense_folder, t
               str(tmp_path / "calibration.jsonl")])
     assert refused.value.code == 2 and "needs a tokenizer" in capsys.readouterr().err
     main(["prune", str(tiny_upcycled), str(tmp_path / "pruned"), "--keep", "0.5", "--method", "frequency",
-          "--calibration-samples", "4", "--max-length", "48", "--json"])
+          "--calibration-samples", "4", "--max-length", "48", "--verify", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["num_experts"] == {"source": 4, "pruned": 2} and result["method"] == "frequency"
     assert [len(entry["kept"]) for entry in result["plan"]] == [2, 2]
+    verification = result["verification"]
+    assert verification["inputs"] == 5 and len(verification["samples"]) == 5
+    assert verification["max_abs_logit_difference"] > 0  # half the experts are gone: the function changed
+
+
+@pytest.mark.slow  # three evaluations with greedy generation: ~40 s on a loaded 2-core CPU
+def test_benchmark_pruning_reports_every_variant_relative_to_the_unpruned_model(tiny_upcycled, tmp_path):
+    from hf_moe.recipes.benchmark_pruning import PruningBenchmarkArguments, benchmark_pruning, format_table
+
+    result = benchmark_pruning(PruningBenchmarkArguments(
+        model_path=str(tiny_upcycled), output_dir=str(tmp_path / "bench"), keep="0.5", variants="reap,merge",
+        calibration_samples=4, max_length=48, eval_per_family=1, decode_tokens=4, repeats=1))
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["unpruned", "reap 2/4", "HC-SMoE merge 2/4"]
+    unpruned = result["rows"][0]
+    assert unpruned["validation_loss_delta"] == 0 and unpruned["weights_relative"] == 1
+    for row in result["rows"][1:]:
+        assert row["weights_mb"] < unpruned["weights_mb"] and row["decode_tokens_per_s"] > 0
+        assert row["heldout_loss_delta"] == pytest.approx(row["heldout_loss"] - unpruned["heldout_loss"])
+    assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"] == result["rows"]
+    assert "HC-SMoE merge 2/4" in format_table(result)
