@@ -1,8 +1,9 @@
 """hf_moe: Mixture-of-Experts decoders (MoE, Switch, MH-MoE) for Hugging Face transformers.
 
-`import hf_moe` registers the model types `hf_moe`, `hf_switch` and `hf_mh_moe` with the Auto classes and installs
-the model-card hooks; everything else (upcycling, export, the Hub helpers, 4-bit experts) is imported on first use,
-so importing hf_moe costs no more than its model classes.
+`import hf_moe` registers the model types `hf_moe`, `hf_switch` and `hf_mh_moe` with the Auto classes (the model
+classes and the model-card hooks follow with the first hf_moe config, see `hf_moe.auto`); everything else
+(upcycling, export, the Hub helpers, 4-bit experts) is imported on first use, so importing hf_moe costs about what
+transformers' own Auto import does.
 """
 
 import importlib
@@ -41,12 +42,8 @@ def __dir__() -> list[str]:
 
 def _register() -> None:
     from .auto import register_auto_classes
-    from .hub.push import install_card_hooks
-    from .quantization.quantizer import register_experts_quantizers
 
-    register_auto_classes()
-    install_card_hooks()
-    register_experts_quantizers()  # from_pretrained(quantization_config=BitsAndBytesConfig(...)) quantises experts
+    register_auto_classes()  # the model classes, card hooks and 4-bit experts follow with the first hf_moe config
 
 
 # The `hf-moe` command registers when it runs a subcommand (`hf_moe.cli`), so `hf-moe --help` and `--version`

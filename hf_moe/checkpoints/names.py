@@ -4,6 +4,7 @@ tokenizer files copied beside the weights, the tensor names of a sparse block, a
 (How MoE *modules* are named at run time, for hf_moe and transformers' own MoEs, is `hf_moe.moe_layers`' job.)
 """
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +12,16 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModelForCausalLM
 
-from ..modeling import MODEL_CLASSES, configuration_hf_moe, modeling_hf_moe
+from ..modeling.configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
 
-CONFIG_CLASSES = {config_class.model_type: config_class for config_class in MODEL_CLASSES}
+CONFIG_CLASSES = {config_class.model_type: config_class for config_class in (MoeConfig, SwitchConfig, MHMoeConfig)}
 HF_MOE_MODEL_TYPES = tuple(CONFIG_CLASSES)  # ("hf_moe", "hf_switch", "hf_mh_moe")
-# The remote code every hf_moe folder carries (`auto_map` points into these two files).
-CODE_MODULES = (configuration_hf_moe, modeling_hf_moe)
-CODE_FILES = tuple(Path(module.__file__).name for module in CODE_MODULES)
+# The remote code every hf_moe folder carries (`auto_map` points into these two files), found without importing the
+# modeling file (which imports transformers' whole modeling stack).
+CODE_PATHS = tuple(Path(importlib.util.find_spec(f"hf_moe.modeling.{module}").origin)
+                   for module in ("configuration_hf_moe", "modeling_hf_moe"))
+CODE_FILES = tuple(path.name for path in CODE_PATHS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
@@ -67,6 +69,8 @@ class SparseBlockNames:
 
 def meta_model(config):
     """The causal-LM model of `config` on the meta device: names, shapes and parameter counts without memory."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

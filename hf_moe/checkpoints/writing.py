@@ -14,7 +14,7 @@ from transformers import GenerationConfig
 
 from ..errors import UnsupportedCheckpointError
 from .atomic import atomic_output_dir
-from .names import CODE_MODULES, HF_MOE_MODEL_TYPES, TOKENIZER_FILES, expected_tensor_names, meta_model
+from .names import CODE_PATHS, HF_MOE_MODEL_TYPES, TOKENIZER_FILES, expected_tensor_names, meta_model
 from .safetensors_writer import ShardedSafetensorsWriter, parse_size
 
 
@@ -39,8 +39,8 @@ def save_config_and_code(config, folder: Path) -> None:
         config.architectures = [MODEL_CLASSES[type(config)]["AutoModelForCausalLM"].__name__]
     config.save_pretrained(folder)  # an hf_moe config also copies configuration_hf_moe.py (its _auto_class)
     if config.model_type in HF_MOE_MODEL_TYPES:
-        for module in CODE_MODULES:
-            shutil.copy2(module.__file__, folder / Path(module.__file__).name)
+        for path in CODE_PATHS:
+            shutil.copy2(path, folder / path.name)
 
 
 def copy_tokenizer_and_generation_config(folder: Path, *, tokenizer_folder: Path | None = None, tokenizer=None,

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard
 
-from ..checkpoints.names import CODE_MODULES, CONFIG_CLASSES
-from ..modeling.modeling_hf_moe import auto_map_for
+from ..checkpoints.names import CODE_PATHS, CONFIG_CLASSES
 
 # Pickle / TF / Flax model weights (training state such as training_args.bin or optimizer.pt is not weights: publish
 # leaves it out by its allow-list).
@@ -60,6 +59,8 @@ def _check_config(folder: Path) -> tuple[dict | None, list[Problem]]:
     if config_class is None:
         return config, [Problem("error", f"config.json: model_type {config.get('model_type')!r} is not an hf_moe "
                                          f"type ({', '.join(CONFIG_CLASSES)})")]
+    from ..modeling.modeling_hf_moe import auto_map_for
+
     expected = auto_map_for(config_class)
     auto_map = config.get("auto_map")
     if not auto_map:
@@ -74,8 +75,7 @@ def _check_config(folder: Path) -> tuple[dict | None, list[Problem]]:
 
 def _check_code_files(folder: Path) -> list[Problem]:
     problems = []
-    for module in CODE_MODULES:
-        installed = Path(module.__file__)
+    for installed in CODE_PATHS:
         shipped = folder / installed.name
         if not shipped.is_file():
             problems.append(Problem("error", f"{installed.name}: missing (the remote code `auto_map` refers to)"))

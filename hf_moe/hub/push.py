@@ -6,7 +6,7 @@
   hf_moe card keeps it;
 - `trainer.push_to_hub()` with `ExpertStatsCallback` uploads the fine-tuned card instead of the Trainer's.
 
-The first two are installed on the hf_moe model classes by `install_card_hooks()` (run by `import hf_moe`; the
+The first two are installed on the hf_moe model classes by `install_card_hooks()` (run with the first hf_moe config, `hf_moe.auto`; the
 modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers' card), the third
 by `use_training_card_on_push` (called by `hf_moe.training.add_moe_callbacks`).
 """
