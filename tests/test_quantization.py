@@ -416,13 +416,16 @@ def test_dequantize_after_an_eval_forward_gives_the_full_precision_model(tiny_fo
 
 
 # argv: "with hf_moe" | "without hf_moe", output file, input ids (JSON), model folders. Loads each folder in 4-bit,
-# with or without `import hf_moe`, and saves what the load produced and what a forward gives (logits, or the error).
+# with or without `import hf_moe` (and an hf_moe config built, which activates hf_moe's 4-bit experts quantizer), and
+# saves what the load produced and what a forward gives (logits, or the error).
 STOCK_4BIT_LOAD = """
 import json
 import sys
 import torch
 if sys.argv[1] == "with hf_moe":
-    import hf_moe  # noqa: F401
+    import hf_moe
+
+    hf_moe.MoeConfig()
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 results = {}
