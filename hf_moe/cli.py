@@ -131,6 +131,13 @@ def _replicate(args) -> Report:
     return Report(rows, format_rows(rows))
 
 
+def _benchmark_balancing(args) -> Report:
+    from .recipes.balancing import format_balancing_table, run_balancing_benchmark
+
+    rows = run_balancing_benchmark(args)
+    return Report(rows, format_balancing_table(rows, args.last_steps))
+
+
 def _benchmark_stats(args) -> dict:
     from .recipes.benchmark_blocks import benchmark_stats_overhead
 
@@ -228,6 +235,9 @@ def _commands() -> dict:
                     "allow-listed files (--dry-run: list them)"),
         "benchmark": ("hf_moe.recipes.benchmark_blocks:SparseBlockBenchmarkArguments", _benchmark,
                       "time the sparse blocks against references"),
+        "benchmark-balancing": ("hf_moe.recipes.balancing:BalancingBenchmarkArguments", _benchmark_balancing,
+                                "aux loss vs selection-bias balancing vs both from the same drop-upcycled SmolLM2: "
+                                "held-out loss and MaxVio"),
         "benchmark-stats": ("hf_moe.recipes.benchmark_blocks:StatsOverheadArguments", _benchmark_stats,
                             "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": ("hf_moe.recipes.benchmark_upcycle:UpcycleBenchmarkArguments", _benchmark_upcycle,

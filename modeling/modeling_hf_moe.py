@@ -811,8 +811,6 @@ class MoePreTrainedModel(PreTrainedModel):
 
     # `save_pretrained` copies this file and its configuration next to the weights and writes `auto_map`.
     _auto_class = "AutoModel"
-    # The selection bias moves by ~1e-3 per step: loaded in bf16 / fp16 such steps would round away (as DeepSeek-V3).
-    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -253,6 +253,34 @@ def test_frozen_routers_keep_their_bias(tmp_path):
     assert all(torch.equal(b, torch.zeros(4)) for b in _biases(model))
 
 
+PLACEMENTS = {  # where each family keeps the bias, relative to the sparse block `model.layers.<i>.mlp`
+    "glm4_moe": (GLM4_MOE, "gate.e_score_correction_bias"),
+    "ernie4_5_moe": (lambda: transformers.Ernie4_5_MoeConfig(**SMALL, moe_num_experts=4, moe_k=2,
+                                                             moe_intermediate_size=24, moe_layer_start_index=0,
+                                                             moe_num_shared_experts=0),
+                     "gate.moe_statics.e_score_correction_bias"),
+    "minimax_m2": (lambda: transformers.MiniMaxM2Config(**SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                                        head_dim=8), "e_score_correction_bias"),
+}
+
+
+@pytest.mark.parametrize("family", list(PLACEMENTS))
+def test_selection_bias_is_found_and_updated_wherever_the_family_keeps_it(family):
+    make_config, where = PLACEMENTS[family]
+    model = AutoModelForCausalLM.from_config(make_config()).train()
+    layers = find_moe_layers(model)
+    assert [layer.selection_bias_name for layer in layers] == [f"model.layers.{i}.mlp.{where}" for i in (0, 1)]
+    balancer = SelectionBiasBalancer(model, update_rate=0.5)
+    ids = torch.randint(3, 64, (4, 12))
+    model.config.output_router_logits = True
+    router_logits = model(input_ids=ids, labels=ids).router_logits
+    balancer.step()
+    for layer, logits in zip(layers, router_logits, strict=True):
+        # The bias starts at 0 and sigmoid / softmax keep the order: the choice is the top-2 of the logits.
+        load = torch.bincount(logits.topk(2, dim=-1).indices.reshape(-1), minlength=4).float()
+        assert torch.equal(selection_bias(model, layer).reshape(-1), 0.5 * torch.sign(load.mean() - load))
+
+
 def test_a_family_without_selection_bias_gets_one_clear_message(tmp_path, caplog):
     model = AutoModelForCausalLM.from_config(FAMILIES["mixtral"]())
     with caplog.at_level(logging.WARNING):
@@ -335,7 +363,7 @@ def test_bias_survives_save_load_bfloat16_and_remote_code(tmp_path):
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert all(torch.equal(b, torch.tensor([0.3, -0.2, 0.1, 0.0])) for b in _biases(loaded))
-    in_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    in_bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)  # buffers keep their dtype
     assert {selection_bias(in_bf16, layer).dtype for layer in find_moe_layers(in_bf16)} == {torch.float32}
 
     remote = load_as_remote_code(tmp_path, ids, max_new_tokens=2)
@@ -442,3 +470,28 @@ def test_finetune_option_on_a_family_without_bias_is_a_value_error(tmp_path):
     deepseek = AutoModelForCausalLM.from_config(FAMILIES["deepseek_v3"]())
     assert _set_up_selection_bias(deepseek, 1e-3) == 1e-3
     assert _set_up_selection_bias(deepseek, None) == 0.0  # the model's bias stays as it is unless asked
+
+
+# ------------------------------------------------------------------------------------------------ the measurement
+def test_balancing_benchmark_rows_differ_only_in_the_balancing(tiny_upcycled, tmp_path):
+    from hf_moe.recipes.balancing import (
+        BalancingBenchmarkArguments,
+        balancing_settings,
+        format_balancing_table,
+        run_method,
+    )
+
+    args = BalancingBenchmarkArguments(output_dir=str(tmp_path), max_steps=2, train_per_family=2, eval_per_family=1,
+                                       max_length=48, last_steps=2)
+    assert [balancing_settings(method, args) for method in args.method_list] == [
+        {"router_aux_loss_coef": 0.0, "router_bias_update_rate": 0.0},
+        {"router_aux_loss_coef": 0.01, "router_bias_update_rate": 0.0},
+        {"router_aux_loss_coef": 0.0, "router_bias_update_rate": 1e-3},
+        {"router_aux_loss_coef": 0.01, "router_bias_update_rate": 1e-3}]
+    row = run_method("both", tiny_upcycled, args)
+    assert len(row["max_vio_curve"]) == 2 and row["max_vio_train_last"] == pytest.approx(
+        sum(row["max_vio_curve"]) / 2)
+    assert all(row[key] >= 0 for key in ("validation_max_vio", "heldout_max_vio", "heldout_loss"))
+    assert "| both | 0.01 | 0.001 |" in format_balancing_table([row], 2)
+    with pytest.raises(ValueError, match="`methods`='aux,bias' is invalid"):
+        BalancingBenchmarkArguments(methods="aux,bias")

@@ -77,6 +77,10 @@ class SelectionBiasBalancer:
         # Gradient checkpointing recomputes the routers in backward and counts each step twice: every count doubles
         # alike, which changes neither sign(mean - load) nor MaxVio.
         self.recorder = RouterStatsRecorder(model, only_training=True, loads_only=True) if self.layers else None
+        dtypes = {selection_bias(model, layer).dtype for layer in self.layers} - {torch.float32}
+        if dtypes:  # `from_pretrained(dtype=...)` keeps buffers in float32; `model.to(dtype)` casts them
+            logger.warning("the selection biases are stored in %s: steps of gamma=%g are rounded to that precision; "
+                           "keep them in float32", ", ".join(map(str, dtypes)), self.update_rate)
 
     @torch.no_grad()
     def step(self) -> dict[int, torch.Tensor]:
