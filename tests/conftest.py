@@ -68,19 +68,24 @@ def byte_tokenizer():
     return tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_upcycled(tmp_path_factory):
-    """A tiny random Llama with a byte tokenizer, upcycled into a 4-expert top-2 hf_moe folder."""
+def save_tiny_dense(folder):
+    """A tiny random Llama with the byte tokenizer, saved at `folder` (a fixed seed: the same model every time)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from hf_moe import upcycle
-
-    root = tmp_path_factory.mktemp("tiny_upcycled")
     tokenizer = byte_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "dense")
-    tokenizer.save_pretrained(root / "dense")
-    return upcycle(str(root / "dense"), str(root / "moe"), num_experts=4, top_k=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_upcycled(tmp_path_factory):
+    """A tiny random Llama with a byte tokenizer, upcycled into a 4-expert top-2 hf_moe folder."""
+    from hf_moe import upcycle
+
+    root = tmp_path_factory.mktemp("tiny_upcycled")
+    return upcycle(str(save_tiny_dense(root / "dense")), str(root / "moe"), num_experts=4, top_k=2)

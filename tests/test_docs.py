@@ -161,20 +161,12 @@ def test_links_and_named_tests_exist_and_no_package_index_is_linked():
 @pytest.fixture(scope="session")
 def doc_assets(tmp_path_factory):
     """The folders of SETUPS, built once per session and copied into each block's working directory."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from hf_moe import upcycle
 
-    from .conftest import byte_tokenizer
+    from .conftest import save_tiny_dense
 
     root = tmp_path_factory.mktemp("doc_assets")
-    tokenizer = byte_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "tiny_llama")
-    tokenizer.save_pretrained(root / "tiny_llama")
+    save_tiny_dense(root / "tiny_llama")
     upcycle(str(root / "tiny_llama"), str(root / "tiny_moe"), num_experts=4, top_k=2)
     return root
 

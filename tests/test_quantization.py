@@ -345,6 +345,17 @@ def test_fused_cpu_kernel_gives_the_logits_of_the_generic_path_and_leaves_the_ex
         assert torch.equal(getattr(module, parameter), experts[name]), name
 
 
+def _lora_gradients(model, evaluate_first: bool) -> dict[str, torch.Tensor]:
+    """The LoRA gradients of one training forward of `model` (a LoRA-wrapped 4-bit model), after an eval forward
+    without gradients or not."""
+    _randomise_lora_b(model)
+    if evaluate_first:
+        with torch.no_grad():
+            model.eval()(IDS)
+    model.train()(IDS, labels=IDS).loss.backward()
+    return {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
+
+
 def test_an_eval_forward_does_not_change_qlora_gradients(tiny_folders, cpu_4bit_path, request):
     if cpu_4bit_path == "avx512bf16":
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
@@ -357,12 +368,7 @@ def test_an_eval_forward_does_not_change_qlora_gradients(tiny_folders, cpu_4bit_
         model = attach_moe_lora(AutoModelForCausalLM.from_pretrained(tiny_folders["hf_moe"], dtype=torch.float32,
                                                                      quantization_config=FOUR_BIT),
                                 r=2, targets="attention")
-        _randomise_lora_b(model)
-        if evaluate_first:
-            with torch.no_grad():
-                model.eval()(IDS)
-        model.train()(IDS, labels=IDS).loss.backward()
-        return {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
+        return _lora_gradients(model, evaluate_first)
 
     trained, trained_after_eval = attention_lora_gradients(False), attention_lora_gradients(True)
     for name, gradient in trained.items():
@@ -375,14 +381,9 @@ def test_the_finetune_recipe_keeps_qlora_gradients_after_an_eval_forward(tiny_fo
     from hf_moe.recipes import load_for_finetuning
 
     def attention_lora_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the same LoRA A initialisation both times
         model = load_for_finetuning(str(tiny_folders["hf_moe"]), load_in_4bit=True, lora_r=2, lora_targets="attention")
-        _randomise_lora_b(model)
-        if evaluate_first:
-            with torch.no_grad():
-                model.eval()(IDS)
-        model.train()(IDS, labels=IDS).loss.backward()
-        return {name: parameter.grad for name, parameter in model.named_parameters() if "lora_" in name}
+        return _lora_gradients(model, evaluate_first)
 
     trained, trained_after_eval = attention_lora_gradients(False), attention_lora_gradients(True)
     assert trained and all(gradient is not None for gradient in trained.values())
