@@ -245,6 +245,32 @@ def test_two_processes_give_the_bias_of_one_process_with_one_all_reduce_per_step
         assert result["all_reduce_in_forwards"] == 0 and result["all_reduce_per_step"] == [1, 1, 1], result
 
 
+def _finetune_launch(model_path, output, processes: int, batch_per_device: int) -> list[torch.Tensor]:
+    """`accelerate launch --num_processes N -m hf_moe.cli finetune ... --router_bias_update_rate 0.01` on the CPU
+    (gloo); the final selection biases of the saved model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = ["--multi_gpu"] if processes > 1 else []
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch, "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "-m", "hf_moe.cli", "finetune", str(model_path), "--output_dir", str(output),
+               "--per_device_train_batch_size", str(batch_per_device), "--max_steps", "3", "--learning_rate", "1e-3",
+               "--warmup_steps", "0", "--train_per_family", "4", "--eval_per_family", "1", "--max_length", "64",
+               "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+               "--router_aux_loss_coef", "0", "--router_bias_update_rate", "0.01"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return _biases(AutoModelForCausalLM.from_pretrained(output))
+
+
+@pytest.mark.slow  # two accelerate launches of hf-moe finetune: ~1-2 min on a loaded 2-core CPU
+def test_ddp_finetune_gives_the_bias_of_one_process_with_the_same_global_batch(tiny_upcycled, tmp_path):
+    two_processes = _finetune_launch(tiny_upcycled, tmp_path / "ddp", processes=2, batch_per_device=2)
+    one_process = _finetune_launch(tiny_upcycled, tmp_path / "one", processes=1, batch_per_device=4)
+    assert any(b.abs().sum() > 0 for b in one_process)
+    for got, want in zip(two_processes, one_process, strict=True):
+        assert torch.equal(got, want), (got, want)
+
+
 def test_frozen_routers_keep_their_bias(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_bias_update_rate=0.05))
     freeze_moe(model, "router")
