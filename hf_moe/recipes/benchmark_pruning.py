@@ -3,6 +3,7 @@ several expert budgets; for each, held-out loss and exact match on the embedded 
 unpruned model, weights on disk and greedy decoding speed. One calibration pass serves every variant."""
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, pad_token_id
 from ..data import build_mixture
 from ..pruning import keep_count, measure_saliency, open_source, prune
 from ..pruning.calibration import calibration_inputs
+from ..pruning.merge import cosine_distances
 from .evaluate import evaluate_model
 
 VARIANTS = ("reap", "frequency", "ean", "merge")
@@ -36,7 +38,8 @@ class PruningBenchmarkArguments:
     train_per_family: int = field(default=200, metadata={
         "help": "as in finetune: the validation prompts are drawn disjoint from that many training prompts"})
     decode_tokens: int = field(default=32, metadata={"help": "greedy tokens per decoding-speed run"})
-    repeats: int = field(default=3, metadata={"help": "decoding-speed runs per model; the fastest counts"})
+    repeats: int = field(default=3, metadata={
+        "help": "decoding-speed rounds, every model once per round (interleaved); the median counts"})
     seed: int = 0
 
     def __post_init__(self):
@@ -46,28 +49,42 @@ class PruningBenchmarkArguments:
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model, tokenizer, new_tokens: int, repeats: int) -> float:
-    """Greedy decoding speed on one chat prompt: `new_tokens` tokens (forced), best of `repeats` runs."""
+def decode_seconds(folder: Path, tokenizer, new_tokens: int) -> float:
+    """Seconds to greedily decode `new_tokens` tokens (forced) on one chat prompt, batch 1, float32 (one warm-up)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ids = chat_prompt_ids(tokenizer, SAMPLE_PROMPTS[1])
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=pad_token_id(tokenizer))
-        best = min(best, time.perf_counter() - start)
-    return new_tokens / best
+    options = dict(do_sample=False, pad_token_id=pad_token_id(tokenizer))
+    model.generate(ids, max_new_tokens=2, **options)
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    return time.perf_counter() - start
+
+
+def expert_diversity(saliency) -> list[dict]:
+    """How different the experts of each sparse layer are on the calibration data: the busiest expert's share of the
+    routed assignments over the mean share, and (with mean outputs) the mean pairwise cosine similarity of the
+    experts' mean outputs (1: the same direction)."""
+    rows = []
+    for row, layer in enumerate(saliency.layers):
+        share = saliency.frequency[row] / saliency.frequency[row].sum()
+        entry = {"layer": layer, "load_max_over_mean": float(share.max() / share.mean())}
+        if saliency.output_sum is not None:
+            similarity = 1 - cosine_distances(saliency.mean_outputs()[row])
+            count = similarity.shape[0]
+            entry["mean_output_cosine"] = float((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1)))
+        rows.append(entry)
+    return rows
 
 
 def _weights_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
-def _measure(name: str, experts: int, folder: Path, tokenizer, splits: dict, args) -> dict:
+def _measure(name: str, experts: int, folder: Path, tokenizer, splits: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     report = evaluate_model(model, tokenizer, splits)
     return {"variant": name, "experts": experts, "weights_mb": _weights_bytes(folder) / 1e6,
-            **{f"{split}_{metric}": report[split][metric] for split in splits for metric in ("loss", "exact_match")},
-            "decode_tokens_per_s": decode_tokens_per_second(model, tokenizer, args.decode_tokens, args.repeats)}
+            **{f"{split}_{metric}": report[split][metric] for split in splits for metric in ("loss", "exact_match")}}
 
 
 def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
@@ -84,7 +101,8 @@ def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
     calibration_seconds = time.perf_counter() - started
     del model
     output_dir = Path(args.output_dir)
-    rows = [_measure("unpruned", source.num_experts, source.folder, tokenizer, splits, args)]
+    rows = [_measure("unpruned", source.num_experts, source.folder, tokenizer, splits)]
+    folders = [source.folder]
     for keep in args.keep.split(","):
         count = keep_count(keep, source.num_experts)
         for variant in args.variants.split(","):
@@ -93,7 +111,16 @@ def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
             folder = prune(source.folder, output_dir / f"{variant}-{count}", keep=count, method=method, merge=merge,
                            saliency=saliency, overwrite=True)
             rows.append(_measure(f"{'HC-SMoE merge' if merge else method} {count}/{source.num_experts}", count,
-                                 folder, tokenizer, splits, args))
+                                 folder, tokenizer, splits))
+            folders.append(folder)
+    # Decoding speed: every model once per round, rounds interleaved, so a change in the machine's load reaches all
+    # of them alike; the median round counts.
+    seconds = [[] for _ in folders]
+    for _ in range(args.repeats):
+        for times, folder in zip(seconds, folders, strict=True):
+            times.append(decode_seconds(folder, tokenizer, args.decode_tokens))
+    for row, times in zip(rows, seconds, strict=True):
+        row["decode_tokens_per_s"] = args.decode_tokens / statistics.median(times)
     reference = rows[0]
     for row in rows:
         row["weights_relative"] = row["weights_mb"] / reference["weights_mb"]
@@ -103,7 +130,7 @@ def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
                                                     if reference[f"{split}_exact_match"] else None)
     result = {"model": args.model_path, "calibration": description, "calibration_sequences": len(inputs),
               "calibration_seconds": calibration_seconds, "eval_per_family": args.eval_per_family,
-              "sparse_layers": source.layers, "rows": rows}
+              "sparse_layers": source.layers, "expert_diversity": expert_diversity(saliency), "rows": rows}
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "benchmark.json").write_text(json.dumps(result, indent=1))
     return result
