@@ -2,10 +2,10 @@
 sparse layer (REAP, routing frequency or expert activation norm), or N merged experts (HC-SMoE).
 
 Order of work: every check that can refuse (output folder, source, supported family, budget) → calibration (the model
-in memory, one sequence at a time) → the plan per layer → the source tensors streamed from disk (memory-mapped), each
-sparse layer's router rows and experts selected or merged (one layer's experts in memory at a time), everything else
-copied → `hf_moe.checkpoints.write_model_folder` (sharded safetensors, atomic) with pruning.json, the saliency heatmap
-and the model card.
+in memory, one sequence at a time; released afterwards) → the plan per layer → the source tensors streamed from disk
+(memory-mapped), each sparse layer's router rows and experts selected or merged (one layer's experts in memory at a
+time), everything else copied → `hf_moe.checkpoints.write_model_folder` (sharded safetensors held one output shard at
+a time, atomic) with pruning.json, the saliency heatmap and the model card.
 """
 
 import copy
@@ -222,8 +222,11 @@ def run_prune(args: PruneArguments, *, model=None, tokenizer=None, calibration=N
                                                  args.calibration_split, args.seed)
         if model is None:
             dtype = torch.float32 if args.calibration_dtype == "float32" else "auto"
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
-        saliency = measure_saliency(model, inputs, with_outputs=args.merge, source=description)
+            calibration_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
+            saliency = measure_saliency(calibration_model, inputs, with_outputs=args.merge, source=description)
+            del calibration_model  # writing reads the tensors from disk: the model's memory is free again
+        else:
+            saliency = measure_saliency(model, inputs, with_outputs=args.merge, source=description)
     if saliency.layers != source.layers or saliency.num_experts != source.num_experts:
         raise ValueError(f"the saliency covers layers {saliency.layers} with {saliency.num_experts} experts; "
                          f"{args.source} has sparse layers {source.layers} with {source.num_experts}")
