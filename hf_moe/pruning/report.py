@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..heatmap import save_heatmap
 from .plan import LayerPlan
 from .saliency import METHODS, ExpertSaliency
 
@@ -42,27 +43,7 @@ def save_saliency_heatmap(scores: torch.Tensor, layers: list[int], plans: list[L
                           title: str) -> np.ndarray:
     """Write the (layers, E) `scores` as a PNG, each row divided by its maximum, removed experts marked x; return the
     image as (H, W, 3) uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shown = (scores / scores.max(-1, keepdim=True).values.clamp(min=1e-30)).float().numpy()
-    rows, columns = shown.shape
-    figure, axes = plt.subplots(figsize=(1.6 + 0.45 * columns, 1.2 + 0.3 * rows), dpi=100)
-    image = axes.imshow(shown, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    for row, plan in enumerate(plans):
-        for expert in plan.removed(columns):
-            axes.text(expert, row, "x", ha="center", va="center", color="white", fontsize=9, fontweight="bold")
-    axes.set_xlabel("expert")
-    axes.set_ylabel("sparse layer")
-    axes.set_xticks(range(columns))
-    axes.set_yticks(range(rows), [str(layer) for layer in layers])
-    axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, label="saliency / layer max")
-    figure.tight_layout()
-    figure.savefig(path)
-    figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return pixels
+    shown = scores / scores.max(-1, keepdim=True).values.clamp(min=1e-30)
+    marks = [(row, expert) for row, plan in enumerate(plans) for expert in plan.removed(shown.shape[1])]
+    return save_heatmap(shown, layers, path, title, "saliency / layer max", row_label="sparse layer", vmax=1.0,
+                        marks=marks, size=(1.6, 0.45, 1.2, 0.3))
