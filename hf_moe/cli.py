@@ -236,8 +236,8 @@ def _commands() -> dict:
         "benchmark": ("hf_moe.recipes.benchmark_blocks:SparseBlockBenchmarkArguments", _benchmark,
                       "time the sparse blocks against references"),
         "benchmark-balancing": ("hf_moe.recipes.balancing:BalancingBenchmarkArguments", _benchmark_balancing,
-                                "aux loss vs selection-bias balancing vs both from the same drop-upcycled SmolLM2: "
-                                "held-out loss and MaxVio"),
+                                "aux loss vs selection-bias balancing vs both (vs expert-choice routing) from the "
+                                "same drop-upcycled SmolLM2: held-out loss, exact match and MaxVio"),
         "benchmark-stats": ("hf_moe.recipes.benchmark_blocks:StatsOverheadArguments", _benchmark_stats,
                             "training-step time with and without the expert-statistics hooks"),
         "benchmark-upcycle": ("hf_moe.recipes.benchmark_upcycle:UpcycleBenchmarkArguments", _benchmark_upcycle,

@@ -11,7 +11,9 @@ This file is copied next to the weights by `save_pretrained` and loaded as remot
 
 from transformers import PreTrainedConfig
 
-ROUTER_TYPES = ("softmax_topk", "noisy_topk")
+ROUTER_TYPES = ("softmax_topk", "noisy_topk", "expert_choice")
+EXPERT_CHOICE_GROUPS = ("batch", "sequence")
+EXPERT_CHOICE_EVAL_RULES = ("threshold", "batch")
 ROUTER_AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
 
 # Parallel plans by part of the model; `MoeConfig.base_model_tp_plan` / `base_model_ep_plan` combine the parts that a
@@ -96,6 +98,7 @@ class MoeConfig(PreTrainedConfig):
         router_type (`str`, defaults to `"softmax_topk"`): `"softmax_topk"` (softmax over all experts, in float32,
             then top-k) or `"noisy_topk"` (Shazeer et al. 2017: learned, input-dependent Gaussian noise on the logits
             while training).
+            `"expert_choice"`: experts choose tokens (see "Expert-choice routing" below).
         router_jitter_noise (`float`, defaults to 0.0): multiplicative uniform noise `U(1-eps, 1+eps)` on the router
             input while training (Switch Transformer).
         num_shared_experts (`int`, defaults to 0): always-active experts, fused into one SwiGLU MLP of size
@@ -131,6 +134,26 @@ class MoeConfig(PreTrainedConfig):
             the top-k selection only: the gating weights stay the unbiased probabilities. After every optimizer step
             `hf_moe.training.AuxLossFreeBalancingCallback` moves it by `gamma * sign(mean load - load_e)` (the paper
             uses 1e-3). 0 = no bias: routing by the probabilities alone.
+
+    Expert-choice routing (Zhou et al., arXiv 2202.09368), with `router_type="expert_choice"` (`hf_moe`, `hf_mh_moe`):
+        each expert takes the C tokens (MH-MoE: sub-tokens) with the highest softmax affinity to it, C =
+        `ceil(expert_capacity_factor * tokens / num_experts)` over a selection group of real (non-padding) tokens, and
+        weights them by that affinity. Load is balanced by construction: no load-balancing loss is computed
+        (`router_aux_loss_coef` does not apply; the z-loss does), and a token gets a variable number of experts
+        (`expert_capacity_factor` on average). `num_experts_per_tok` is not used.
+        expert_capacity_factor (`float`, defaults to 2.0): c, the experts per token on average (the paper's
+            default, the active compute of top-2 token choice).
+        expert_choice_group (`str`, defaults to `"batch"`): the tokens an expert chooses among while training:
+            `"batch"` (all real tokens of the forward call) or `"sequence"` (each sequence's own, C per sequence).
+        expert_choice_eval_rule (`str`, defaults to `"threshold"`): routing outside training. Batch selection is not
+            causal (whether an expert takes a token depends on the other tokens, later ones included), so by default
+            a token goes to every expert whose affinity reaches that expert's threshold `expert_choice_threshold`, a
+            running estimate of its training selection cutoff (the C-th largest affinity); each token's experts then
+            depend on that token alone, as Mixture-of-Depths' causal inference rule (arXiv 2404.02258).
+            `"batch"`: the training selection over the call's tokens (not causal; for measuring the gap). A router
+            whose threshold was never estimated routes each token to its top-`round(expert_capacity_factor)` experts.
+        expert_choice_threshold_momentum (`float`, defaults to 0.1): as BatchNorm's momentum, each training forward
+            sets `threshold = (1 - m) * threshold + m * cutoff` (a plain average over the first 1/m forwards).
 
     Provenance:
         base_model (`str`, *optional*): the dense checkpoint this model was upcycled from, for the model card.
@@ -202,6 +225,11 @@ class MoeConfig(PreTrainedConfig):
     output_router_logits: bool = False
     # auxiliary-loss-free balancing
     router_bias_update_rate: float = 0.0
+    # expert-choice routing
+    expert_capacity_factor: float = 2.0
+    expert_choice_group: str = "batch"
+    expert_choice_eval_rule: str = "threshold"
+    expert_choice_threshold_momentum: float = 0.1
     # provenance
     base_model: str | None = None
 
@@ -239,6 +267,7 @@ class MoeConfig(PreTrainedConfig):
         _require(self.router_aux_loss_scope in ROUTER_AUX_LOSS_SCOPES, "router_aux_loss_scope",
                  self.router_aux_loss_scope, f"choose one of {ROUTER_AUX_LOSS_SCOPES}")
         _require(self.router_type in ROUTER_TYPES, "router_type", self.router_type, f"choose one of {ROUTER_TYPES}")
+        self._validate_expert_choice()
         for field in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(self, field)
             _require(value is None or value > 0, field, value, "must be > 0, or None for dropless routing")
@@ -267,6 +296,29 @@ class MoeConfig(PreTrainedConfig):
         for layer_type in self.layer_types:
             _require(layer_type in ("full_attention", "sliding_attention"), "layer_types", self.layer_types,
                      "entries must be 'full_attention' or 'sliding_attention'")
+
+    def _validate_expert_choice(self) -> None:
+        _require(isinstance(self.expert_capacity_factor, (int, float)) and self.expert_capacity_factor > 0,
+                 "expert_capacity_factor", self.expert_capacity_factor, "must be > 0 (experts per token on average)")
+        _require(self.expert_choice_group in EXPERT_CHOICE_GROUPS, "expert_choice_group", self.expert_choice_group,
+                 f"choose one of {EXPERT_CHOICE_GROUPS}")
+        _require(self.expert_choice_eval_rule in EXPERT_CHOICE_EVAL_RULES, "expert_choice_eval_rule",
+                 self.expert_choice_eval_rule, f"choose one of {EXPERT_CHOICE_EVAL_RULES}")
+        _require(0 < self.expert_choice_threshold_momentum <= 1, "expert_choice_threshold_momentum",
+                 self.expert_choice_threshold_momentum, "must be in (0, 1]")
+        if self.router_type != "expert_choice":
+            return
+        # Token-choice mechanisms that expert choice replaces: refused rather than silently ignored.
+        for field, allowed in (("capacity_factor", None), ("eval_capacity_factor", None),
+                               ("router_bias_update_rate", 0.0), ("router_sequence_aux_loss_coef", 0.0)):
+            value = getattr(self, field)
+            _require(value == allowed, field, value,
+                     f"expert-choice routing is balanced by construction (each expert takes its C tokens); set "
+                     f"{allowed} or use a token-choice `router_type`")
+
+    @property
+    def routes_by_expert_choice(self) -> bool:
+        return self.router_type == "expert_choice"
 
     @property
     def sparse_layer_indices(self) -> list[int]:
@@ -330,6 +382,9 @@ class SwitchConfig(MoeConfig):
     sparse_layer_interval: int = 2
 
     def validate(self) -> None:
+        _require(self.router_type != "expert_choice", "router_type", self.router_type,
+                 "Switch routes each token to exactly 1 expert; use model_type 'hf_moe' (or 'hf_mh_moe') for "
+                 "expert-choice routing")
         super().validate()
         _require(self.num_experts_per_tok == 1, "num_experts_per_tok", self.num_experts_per_tok,
                  "Switch routes each token to exactly 1 expert; use model_type 'hf_moe' for top-k")

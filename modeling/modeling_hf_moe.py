@@ -28,12 +28,14 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
 
+logger = logging.get_logger(__name__)
 
 # ------------------------------------------------------------------------------------------------ norm and rotary
 class MoeRMSNorm(nn.Module):
@@ -215,6 +217,38 @@ def drop_over_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n
     return top_k_weights * keep
 
 
+def expert_choice_selection(scores: torch.Tensor, capacity_factor: float, group_size: int | None = None,
+                            token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expert-choice selection (Zhou et al., arXiv 2202.09368, Sec. 3.1): every expert takes the C rows of highest
+    score in each selection group, `C = ceil(capacity_factor * real rows of the group / experts)` (at most the group's
+    real rows).
+
+    `scores (rows, E)`: the token-to-expert affinities (softmax over the experts). `group_size`: rows per group
+    (consecutive rows; None: all rows form one group). `token_mask (rows,)` bool marks real rows: padding is never
+    selected and does not count towards C. Returns `(selected (rows, E) bool, cutoff (E,))`, the cutoff being each
+    expert's C-th highest score averaged over the groups with real rows (None when no row is real).
+    """
+    num_rows, num_experts = scores.shape
+    group_size = num_rows if group_size is None else group_size
+    grouped = scores.reshape(-1, group_size, num_experts)  # (groups, group_size, E)
+    real = (torch.ones(grouped.shape[:2], dtype=torch.bool, device=scores.device) if token_mask is None
+            else token_mask.reshape(-1, group_size).bool())
+    num_real = real.sum(1)  # (groups,)
+    capacity = torch.ceil(capacity_factor * num_real.double() / num_experts).long().clamp(min=1).minimum(num_real)
+    largest = int(capacity.max())  # data-dependent top-k size: one host sync per router call
+    if largest == 0:
+        return torch.zeros_like(scores, dtype=torch.bool), None
+    masked = grouped.masked_fill(~real.unsqueeze(-1), float("-inf"))
+    values, index = masked.topk(largest, dim=1)  # (groups, largest, E): each expert's best rows
+    rank = torch.arange(largest, device=scores.device).reshape(1, -1, 1)
+    keep = rank < capacity.reshape(-1, 1, 1)  # (groups, largest, 1): ranks within the group's capacity
+    selected = torch.zeros_like(grouped, dtype=torch.bool).scatter_(1, index, keep.expand_as(index))
+    last = (capacity - 1).clamp(min=0).reshape(-1, 1, 1).expand(-1, 1, num_experts)
+    cutoffs = values.gather(1, last).squeeze(1)  # (groups, E)
+    has_rows = num_real > 0
+    return selected.reshape(num_rows, num_experts), cutoffs[has_rows].mean(0)
+
+
 class MoeTopKRouter(nn.Module):
     """Token-choice router: float32 softmax over the experts, top-k, optional renormalisation and capacity.
 
@@ -225,6 +259,12 @@ class MoeTopKRouter(nn.Module):
     With `router_bias_update_rate` > 0 the router carries `e_score_correction_bias (E,)` (float32, no gradient):
     auxiliary-loss-free balancing (arXiv 2408.15664, eq. 3) chooses the top-k of `probs + bias` but weights the chosen
     experts by their unbiased `probs`. The name is the buffer's in transformers' DeepSeek-V3 / GLM-4-MoE routers.
+
+    With `router_type="expert_choice"` the experts choose (see `expert_choice_selection` and `MoeConfig`) and the
+    router returns `(router_logits, weights (tokens, E), selected (tokens, E) bool)`: the softmax affinity of every
+    chosen (token, expert) pair, 0 elsewhere. It then carries `expert_choice_threshold (E,)` (float32), the running
+    estimate of each expert's selection cutoff that routes tokens causally outside training, and
+    `expert_choice_threshold_updates` (how many training forwards estimated it; 0 = never).
     """
 
     def __init__(self, config: MoeConfig, input_size: int):
@@ -244,6 +284,14 @@ class MoeTopKRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", None)  # a slot: saved once it holds a tensor
         if config.router_bias_update_rate > 0:
             self.add_selection_bias()
+        self.expert_choice = config.router_type == "expert_choice"
+        if self.expert_choice:
+            self.expert_capacity_factor = config.expert_capacity_factor
+            self.group_by_sequence = config.expert_choice_group == "sequence"
+            self.eval_rule = config.expert_choice_eval_rule
+            self.threshold_momentum = config.expert_choice_threshold_momentum
+            self.register_buffer("expert_choice_threshold", torch.zeros(config.num_experts, dtype=torch.float32))
+            self.register_buffer("expert_choice_threshold_updates", torch.zeros((), dtype=torch.long))
 
     def add_selection_bias(self) -> None:
         """Give the router a zero selection bias (no-op when it has one)."""
@@ -251,9 +299,10 @@ class MoeTopKRouter(nn.Module):
             self.e_score_correction_bias = torch.zeros(self.num_experts, dtype=torch.float32,
                                                        device=self.weight.device)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all)."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all);
+        `group_size`: rows per sequence (expert choice per sequence)."""
         # Selective precision (Switch Sec. 2.4): the router runs in at least float32 whatever the model dtype.
         router_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         router_input = hidden_states.to(router_dtype)  # (tokens, d)
@@ -267,6 +316,9 @@ class MoeTopKRouter(nn.Module):
             noise_std = F.softplus(F.linear(router_input, self.noise_weight.to(router_dtype)))
             selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
         router_probs = selection_logits.softmax(dim=-1)
+        if self.expert_choice:
+            weights, selected = _expert_choice_forward(self, router_probs, token_mask, group_size)
+            return router_logits, weights.to(hidden_states.dtype), selected
         if self.e_score_correction_bias is None:
             top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
         else:  # the bias decides which experts, the unbiased probabilities how much (arXiv 2408.15664, eq. 3)
@@ -282,6 +334,38 @@ class MoeTopKRouter(nn.Module):
             top_k_weights = drop_over_capacity(top_k_index, top_k_weights, self.num_experts, capacity_factor,
                                                token_mask)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
+
+
+def _expert_choice_forward(router: "MoeTopKRouter", probs: torch.Tensor, token_mask: torch.Tensor | None,
+                           group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weights (rows, E), selected (rows, E) bool)` of an expert-choice router; see `MoeTopKRouter`."""
+    if router.training or router.eval_rule == "batch":
+        selected, cutoff = expert_choice_selection(probs.detach(), router.expert_capacity_factor,
+                                                   group_size if router.group_by_sequence else None, token_mask)
+        if router.training and cutoff is not None:
+            _update_threshold(router, cutoff)
+    elif router.expert_choice_threshold_updates > 0:
+        # The causal rule: an expert takes a token when the token's affinity reaches the expert's usual cutoff.
+        selected = probs >= router.expert_choice_threshold.to(probs.device)
+    else:
+        top = max(1, min(round(router.expert_capacity_factor), router.num_experts))
+        logger.warning_once(f"expert-choice router without an estimated threshold (never trained): routing each "
+                            f"token to its top-{top} experts outside training")
+        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(top, dim=-1).indices, True)
+    if token_mask is not None:
+        selected = selected & token_mask.unsqueeze(-1).bool()
+    return probs * selected, selected  # the paper's gating: affinities of the chosen pairs, gradient through probs
+
+
+@torch.no_grad()
+def _update_threshold(router: "MoeTopKRouter", cutoff: torch.Tensor) -> None:
+    """Move the threshold towards this forward's cutoff: a plain average over the first 1/momentum updates, then an
+    exponential moving average (as BatchNorm's running statistics). With gradient checkpointing the recomputed forward
+    updates again with the same cutoff, which weights that batch twice."""
+    count = router.expert_choice_threshold_updates
+    rate = torch.clamp(1.0 / (count + 1).float(), min=router.threshold_momentum)
+    router.expert_choice_threshold.lerp_(cutoff.to(router.expert_choice_threshold), rate)
+    count += 1
 
 
 def _router_row_mask(attention_mask, num_rows: int, num_subtokens: int, device) -> torch.Tensor | None:
@@ -619,20 +703,44 @@ class MoeExperts(nn.Module):
         # A fixed-size count (bincount's output size depends on the data, which torch.compile cannot trace).
         tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.long, device=top_k_index.device).index_add_(
             0, expert_of_assignment, torch.ones_like(expert_of_assignment))
-        offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
+        return self._run_sorted(hidden_states, token_of_assignment, tokens_per_expert,
+                                top_k_weights.reshape(-1)[order])
 
-        expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (tokens * k, H), sorted by expert
+    def forward_selection(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor
+                          ) -> torch.Tensor:
+        """Expert choice: `selected (tokens, E)` bool, `weights (tokens, E)`; each expert runs on its own tokens.
+
+        The (expert, token) pairs come out of `nonzero` already grouped by expert, so no sort is needed; the group
+        sizes are data-dependent (eager only: the models switch off full-graph compilation for expert choice)."""
+        expert_of_assignment, token_of_assignment = selected.t().nonzero(as_tuple=True)  # grouped by expert
+        return self._run_sorted(hidden_states, token_of_assignment, selected.sum(0),
+                                weights[token_of_assignment, expert_of_assignment])
+
+    def _run_sorted(self, hidden_states: torch.Tensor, token_of_assignment: torch.Tensor,
+                    tokens_per_expert: torch.Tensor, combine_weights: torch.Tensor) -> torch.Tensor:
+        """The experts on assignments grouped by expert: `token_of_assignment (A,)`, `tokens_per_expert (E,)`,
+        `combine_weights (A,)`; returns the weighted sum per token `(tokens, H)`."""
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,)
+        expert_inputs = hidden_states.index_select(0, token_of_assignment)  # (A, H), sorted by expert
         if self._use_cpu_swiglu(expert_inputs):
             expert_outputs = self._cpu_swiglu(expert_inputs, offsets)
         else:
-            gate_up = grouped_matmul(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (tokens * k, 2I)
+            gate_up = grouped_matmul(expert_inputs, self.gate_up_proj.transpose(1, 2), offsets)  # (A, 2I)
             expert_outputs = grouped_matmul(self._apply_gate(gate_up), self.down_proj.transpose(1, 2), offsets)
-        combine_weights = top_k_weights.reshape(-1)[order, None].to(expert_outputs.dtype)  # (tokens * k, 1)
-        weighted = (expert_outputs * combine_weights).to(hidden_states.dtype)
+        weighted = (expert_outputs * combine_weights[:, None].to(expert_outputs.dtype)).to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of_assignment, weighted)  # (tokens, H)
 
 
 # ------------------------------------------------------------------------------------------------ sparse blocks
+def _route_and_run(gate: MoeTopKRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
+                   group_size: int) -> torch.Tensor:
+    """Route `rows (rows, d)` and run the experts on them: top-k assignments, or the experts' own choice."""
+    _, weights, chosen = gate(rows, row_mask, group_size)
+    if gate.expert_choice:
+        return experts.forward_selection(rows, chosen, weights)
+    return experts(rows, chosen, weights)
+
+
 class MoeSparseBlock(nn.Module):
     """Top-k MoE and Switch: `gate` routes each token to k of `experts`; optional always-active shared experts."""
 
@@ -650,8 +758,7 @@ class MoeSparseBlock(nn.Module):
         input_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
         row_mask = token_mask.reshape(-1) if token_mask is not None else None
-        _, top_k_weights, top_k_index = self.gate(tokens, row_mask)
-        output = self.experts(tokens, top_k_index, top_k_weights)
+        output = _route_and_run(self.gate, self.experts, tokens, row_mask, group_size=input_shape[1])
         if self.shared_experts is not None:
             output = output + self.shared_experts(tokens)
         return output.reshape(input_shape)
@@ -683,8 +790,9 @@ class MHMoeSparseBlock(nn.Module):
         input_shape = hidden_states.shape
         sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
         row_mask = token_mask.reshape(-1).repeat_interleave(self.num_heads) if token_mask is not None else None
-        _, top_k_weights, top_k_index = self.gate(sub_tokens, row_mask)
-        merged = self.experts(sub_tokens, top_k_index, top_k_weights).reshape(input_shape)  # (batch, seq, d)
+        routed = _route_and_run(self.gate, self.experts, sub_tokens, row_mask,
+                                group_size=input_shape[1] * self.num_heads)
+        merged = routed.reshape(input_shape)  # (batch, seq, d)
         output = self.merge_proj(merged)
         if self.shared_experts is not None:
             output = output + self.shared_experts(hidden_states)
@@ -825,6 +933,9 @@ class MoePreTrainedModel(PreTrainedModel):
                 init.zeros_(module.noise_weight)  # Shazeer et al. 2017, App. A: start without noise
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)  # a new bias starts neutral
+            if module.expert_choice:  # not estimated yet
+                init.zeros_(module.expert_choice_threshold)
+                init.zeros_(module.expert_choice_threshold_updates)
         elif isinstance(module, MHMoeSparseBlock):
             # arXiv 2404.15045, Algorithm 1.
             init.xavier_uniform_(module.head_proj.weight, gain=2**-0.5)
@@ -846,6 +957,20 @@ class MoePreTrainedModel(PreTrainedModel):
         # transformers defaults to its "grouped_mm" backend; the experts' own forward is faster for these models
         # (README, benchmark table), so it is the default here. Any registered backend can still be requested.
         return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
+
+    def post_init(self):
+        super().post_init()
+        if self.config.router_type == "expert_choice":
+            self._can_compile_fullgraph = False  # expert group sizes are data-dependent (`forward_selection`)
+
+    def set_expert_choice_eval_rule(self, rule: str) -> None:
+        """Expert-choice routing outside training: "threshold" (causal, the default) or "batch" (the training
+        selection over the forward call's tokens: not causal; for measuring the gap between the two)."""
+        self.config.expert_choice_eval_rule = rule
+        self.config.validate()
+        for module in self.modules():
+            if isinstance(module, MoeTopKRouter) and module.expert_choice:
+                module.eval_rule = rule
 
     def set_router_bias_update_rate(self, rate: float) -> None:
         """Switch auxiliary-loss-free balancing on or off: sets `config.router_bias_update_rate`; with `rate` > 0
@@ -895,9 +1020,10 @@ class MoeModel(MoePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        # Only expert capacity needs to know the padding; dropless routing treats every row alike.
+        # Only expert capacity and expert choice need to know the padding; dropless top-k treats every row alike.
         token_mask = None
-        if self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None:
+        if (self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None
+                or self.config.router_type == "expert_choice"):
             token_mask = real_token_mask(attention_mask, *inputs_embeds.shape[:2], past_seen_tokens)
 
         if not isinstance(mask_mapping := attention_mask, dict):  # `generate` may have prepared them already
@@ -994,10 +1120,11 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         loss = lm_loss = aux_loss = z_loss = sequence_aux_loss = None
         if need_router_logits:
             router_logits, biases = outputs.router_logits, self.selection_biases()
-            aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask,
-                                           config.num_subtokens, self._global_dispatch_fraction(
-                                               router_logits, attention_mask, labels, biases),
-                                           selection_biases=biases).to(logits.device)
+            if config.router_type != "expert_choice":  # expert choice is balanced by construction: no such loss
+                aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask,
+                                               config.num_subtokens, self._global_dispatch_fraction(
+                                                   router_logits, attention_mask, labels, biases),
+                                               selection_biases=biases).to(logits.device)
             z_loss = router_z_loss(router_logits, attention_mask, config.num_subtokens).to(logits.device)
             if config.router_sequence_aux_loss_coef > 0:
                 sequence_aux_loss = sequence_balance_loss(
@@ -1005,7 +1132,9 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
                     config.num_subtokens, biases).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
-            aux_terms = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+            aux_terms = config.router_z_loss_coef * z_loss
+            if aux_loss is not None:
+                aux_terms = aux_terms + config.router_aux_loss_coef * aux_loss
             if sequence_aux_loss is not None:
                 aux_terms = aux_terms + config.router_sequence_aux_loss_coef * sequence_aux_loss
             loss = lm_loss + aux_terms * self._share_of_step(labels, attention_mask, outputs.last_hidden_state.shape,
@@ -1143,4 +1272,4 @@ __all__ = [
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
     "sequence_balance_loss", "chosen_experts",
 ]
-__all__ += ["expert_dispatch_counts", "OptimizerStepRouting"]
+__all__ += ["expert_dispatch_counts", "OptimizerStepRouting", "expert_choice_selection"]

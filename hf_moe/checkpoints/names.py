@@ -59,6 +59,11 @@ class SparseBlockNames:
         return f"{self.prefix}.gate.weight"
 
     @property
+    def expert_choice_threshold(self) -> str:
+        """An expert-choice router's threshold (its estimate count is the same name + `_updates`)."""
+        return f"{self.prefix}.gate.expert_choice_threshold"
+
+    @property
     def gate_up_proj(self) -> str:
         return f"{self.prefix}.experts.gate_up_proj"
 

@@ -34,7 +34,14 @@ class ShardedSafetensorsWriter:
         self.shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
         self.names: set[str] = set()
-        self.dtypes: set[torch.dtype] = set()
+        self.elements_by_dtype: dict[torch.dtype, int] = {}
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype holding the most elements: the weights' (small float32 router buffers or
+        integer counters beside bfloat16 weights do not make a bfloat16 model float32)."""
+        floating = {dtype: count for dtype, count in self.elements_by_dtype.items() if dtype.is_floating_point}
+        return max(floating, key=floating.get) if floating else None
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -42,7 +49,7 @@ class ShardedSafetensorsWriter:
             self._flush()
         self.buffer[name] = tensor.contiguous()
         self.names.add(name)
-        self.dtypes.add(tensor.dtype)
+        self.elements_by_dtype[tensor.dtype] = self.elements_by_dtype.get(tensor.dtype, 0) + tensor.numel()
         self.buffer_bytes += size
         self.total_bytes += size
 

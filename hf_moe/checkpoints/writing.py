@@ -66,7 +66,7 @@ def write_model_folder(output_dir: str | Path, tensors: Iterable[tuple[str, torc
     `config`, atomically.
 
     `check_names`: the tensors must be exactly those of `config`'s model (off when the names on disk follow another
-    layout, e.g. an export's per-expert tensors). `config.dtype` becomes the widest dtype written. `finish(staging,
+    layout, e.g. an export's per-expert tensors). `config.dtype` becomes the weights' dtype (the floating-point dtype of most elements). `finish(staging,
     model)` runs last, before the rename, with the meta-device model (e.g. to render the card); anything it raises
     leaves nothing behind. Returns `output_dir`.
 
@@ -84,7 +84,8 @@ def write_model_folder(output_dir: str | Path, tensors: Iterable[tuple[str, torc
         if check_names:
             check_complete(writer.names, model, source_name)
         writer.finish()
-        config.dtype = str(max(writer.dtypes, key=lambda d: d.itemsize)).removeprefix("torch.")
+        if writer.weights_dtype is not None:
+            config.dtype = str(writer.weights_dtype).removeprefix("torch.")
         save_config_and_code(config, staging)
         copy_tokenizer_and_generation_config(staging, tokenizer_folder=tokenizer_folder, tokenizer=tokenizer,
                                              generation_config_from=generation_config_from)

@@ -81,6 +81,11 @@ def common_blockers(config) -> list[Blocker]:
             f"a router selection bias (auxiliary-loss-free balancing, `router_bias_update_rate`="
             f"{config.router_bias_update_rate}, tensors `mlp.gate.e_score_correction_bias`): the native routers choose "
             "experts by probability alone"))
+    if config.router_type == "expert_choice":
+        blockers.append(Blocker(
+            "expert-choice routing (`router_type`='expert_choice': experts pick tokens, a token gets a variable "
+            "number of experts; at inference per-expert thresholds `mlp.gate.expert_choice_threshold`): every native "
+            "MoE architecture routes each token to a fixed top-k"))
     if config.router_type == "noisy_topk":
         blockers.append(Blocker(
             "noisy top-k router weights (`router_type`='noisy_topk', tensors `mlp.gate.noise_weight`): the native "

@@ -53,7 +53,9 @@ def parameter_counts(model) -> tuple[int, int]:
     for layer in find_moe_layers(model):
         if layer.experts_name is None or not layer.num_experts:
             continue
-        used = min(layer.num_experts, layer.top_k * subtokens)
+        average = getattr(layer.router, "expert_capacity_factor", None) if getattr(layer.router, "expert_choice",
+                                                                                  False) else None
+        used = min(layer.num_experts, (layer.top_k if average is None else average) * subtokens)
         experts_size = sum(p.numel() for p in modules[layer.experts_name].parameters())
         inactive += experts_size * (1 - used / layer.num_experts)
     return total, round(total - inactive)
@@ -67,6 +69,12 @@ def _router_description(config) -> str:
     if not hasattr(config, "router_type"):  # a transformers MoE family: its own router
         return f"{config.model_type}'s router; aux loss coef {getattr(config, 'router_aux_loss_coef', 'n/a')}"
     router = f"`{config.router_type}`"
+    if config.router_type == "expert_choice":
+        rule = ("causal: per-expert thresholds (running estimates of the training cutoffs)"
+                if config.expert_choice_eval_rule == "threshold" else "batch selection (not causal)")
+        return (f"{router} (arXiv 2202.09368): each expert takes its top-C tokens per {config.expert_choice_group}, "
+                f"capacity factor {config.expert_capacity_factor:g} (experts per token on average), no load-balancing "
+                f"loss; inference routing {rule}; z-loss coef {config.router_z_loss_coef}")
     if config.straight_through_topk:
         router += ", straight-through top-1 weight"
     elif config.norm_topk_prob:
@@ -91,6 +99,8 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
     num_experts = layers[0].num_experts if layers else getattr(config, "num_experts", 0)
     top_k = layers[0].top_k if layers else getattr(config, "num_experts_per_tok", 0)
     experts = f"{num_experts}, top-{top_k}"
+    if getattr(config, "router_type", None) == "expert_choice":
+        experts = f"{num_experts}, expert choice ({config.expert_capacity_factor:g} per token on average)"
     if getattr(config, "num_shared_experts", 0):
         experts += f" + {config.num_shared_experts} shared (always active)"
     sparse = getattr(config, "sparse_layer_indices", None) or [layer.index for layer in layers]
@@ -109,6 +119,10 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
 
 
 def _capacity(config) -> str:
+    if getattr(config, "router_type", None) == "expert_choice":
+        return ("training: C = ceil(capacity factor x tokens / experts) tokens per expert; inference: no limit "
+                "(threshold rule)")
+
     def describe(factor):
         return "dropless" if factor is None else f"factor {factor} (tokens over capacity are dropped)"
 

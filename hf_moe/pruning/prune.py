@@ -81,6 +81,12 @@ def open_source(name: str) -> PruningSource:
                                              "experts): there are no experts to prune")
         raise UnsupportedCheckpointError(f"{name}: model_type {model_type!r} is not supported for pruning; "
                                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if raw.get("router_type") == "expert_choice":
+        raise UnsupportedCheckpointError(
+            f"{name} routes by expert choice (`router_type`='expert_choice'): the saliency and merge weights are "
+            "defined for token-choice top-k routers (a token's k gates); supported: hf_moe models with "
+            "router_type 'softmax_topk' or 'noisy_topk', and the transformers families "
+            f"{', '.join(TRANSFORMERS_MODEL_TYPES)}")
     config = AutoConfig.from_pretrained(folder)
     count_field = expert_count_field(config)
     layers = find_moe_layers(meta_model(config))

@@ -31,8 +31,9 @@ class SparseBlockBenchmarkArguments:
     repeats: int = field(default=5, metadata={"help": "timed calls per row; the median is reported"})
     dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
     seed: int = field(default=0)
-    blocks: str = field(default="hf_moe,hf_switch,hf_mh_moe", metadata={
-        "help": "comma-separated rows of the sparse-block table (a subset runs alone, e.g. hf_mh_moe)"})
+    blocks: str = field(default="hf_moe,hf_switch,hf_mh_moe,expert_choice", metadata={
+        "help": "comma-separated rows of the sparse-block table (a subset runs alone, e.g. hf_mh_moe); "
+                "expert_choice: hf_moe with experts choosing k tokens each on average, against its top-k block"})
     decode: bool = field(default=True, metadata={"help": "also time greedy decoding (DecodeBenchmarkArguments "
                                                           "defaults): eager vs static cache + torch.compile"})
     decode_new_tokens: int = field(default=32, metadata={"help": "tokens generated per decoding round"})
@@ -86,6 +87,15 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
+def _estimate_thresholds(block: nn.Module, hidden: torch.Tensor) -> None:
+    """Training forwards of an expert-choice block on the benchmark's inputs, so that its inference threshold is
+    estimated (timed forwards then use the causal rule, not the never-trained fallback)."""
+    block.train()
+    with torch.no_grad():
+        for _ in range(3):
+            block(hidden)
+
+
 def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
     """Time each block; return rows with seconds and ratios to the dense floor and to the Mixtral block."""
     torch.manual_seed(args.seed)
@@ -110,13 +120,18 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
     def dense_floor(active_inner: int) -> MoeMLP:
         return MoeMLP(moe_config, d, active_inner)
 
-    cases = {
-        "hf_moe": lambda: (f"hf_moe top-{k}", MoeSparseBlock(moe_config), mixtral(k), k * inner),
+    expert_choice_config = MoeConfig(**shared, router_type="expert_choice", expert_capacity_factor=float(k))
+    cases = {  # name, block, references (same weights), inner size of the dense floor with the same active compute
+        "hf_moe": lambda: (f"hf_moe top-{k}", MoeSparseBlock(moe_config), {"mixtral": mixtral(k)}, k * inner),
         "hf_switch": lambda: (f"hf_switch top-1, capacity {args.switch_capacity_factor}",
-                              MoeSparseBlock(switch_config), mixtral(1, switch_config.router_jitter_noise), inner),
+                              MoeSparseBlock(switch_config), {"mixtral": mixtral(1, switch_config.router_jitter_noise)},
+                              inner),
         "hf_mh_moe": lambda: (f"hf_mh_moe h={args.num_moe_heads}, top-{mh_config.num_experts_per_tok} of "
                               f"{mh_config.num_experts}, expert {mh_config.moe_intermediate_size}",
-                              MHMoeSparseBlock(mh_config), None, k * inner),
+                              MHMoeSparseBlock(mh_config), {}, k * inner),
+        "expert_choice": lambda: (f"hf_moe expert choice, c={k} (fwd: threshold rule; fwd+bwd: batch selection)",
+                                  MoeSparseBlock(expert_choice_config), {"top_k": MoeSparseBlock(moe_config)},
+                                  k * inner),
     }
     chosen = [name.strip() for name in args.blocks.split(",") if name.strip()]
     unknown = [name for name in chosen if name not in cases]
@@ -124,12 +139,14 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
         raise ValueError(f"`blocks`={args.blocks!r} is invalid: choose from {', '.join(cases)}")
     rows = []
     for case in chosen:
-        name, block, reference, active_inner = cases[case]()  # built when timed: one case's weights at a time
+        name, block, references, active_inner = cases[case]()  # built when timed: one case's weights at a time
         candidates = {"block": _randomize(block, args.seed).to(dtype),
                       "dense": _randomize(dense_floor(active_inner), args.seed).to(dtype)}
-        if reference is not None:
+        for key, reference in references.items():
             reference.load_state_dict(candidates["block"].state_dict(), strict=False)
-            candidates["mixtral"] = reference.to(dtype)
+            candidates[key] = reference.to(dtype)
+        if getattr(block.gate, "expert_choice", False):
+            _estimate_thresholds(block, hidden)
         row = dict(block=name)
         for mode, make in (("forward", _forward), ("forward_backward", _forward_backward)):
             seconds = paired_median_seconds({key: make(m, hidden) for key, m in candidates.items()}, args.repeats)
@@ -148,16 +165,15 @@ def format_table(rows: list[dict]) -> str:
     def ratio(row, key):
         return f"{row[key]:.2f}x" if key in row else "n/a"
 
-    lines = [
-        "| block | fwd s | fwd+bwd s | fwd vs dense | fwd+bwd vs dense | fwd vs Mixtral | fwd+bwd vs Mixtral |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    references = [("dense", "dense"), ("mixtral", "Mixtral"), ("top_k", "top-k")]
+    shown = [(key, label) for key, label in references if any(f"vs_{key}_forward" in row for row in rows)]
+    header = "| block | fwd s | fwd+bwd s | " + " | ".join(f"fwd vs {label} | fwd+bwd vs {label}"
+                                                      for _, label in shown) + " |"
+    lines = [header, "|---|---|---|" + "---|---|" * len(shown)]
     for row in rows:
-        lines.append(
-            f"| {row['block']} | {row['forward_s']:.3f} | {row['forward_backward_s']:.3f} | "
-            f"{ratio(row, 'vs_dense_forward')} | {ratio(row, 'vs_dense_forward_backward')} | "
-            f"{ratio(row, 'vs_mixtral_forward')} | {ratio(row, 'vs_mixtral_forward_backward')} |"
-        )
+        cells = [f"{ratio(row, f'vs_{key}_forward')} | {ratio(row, f'vs_{key}_forward_backward')}" for key, _ in shown]
+        lines.append(f"| {row['block']} | {row['forward_s']:.3f} | {row['forward_backward_s']:.3f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..data import build_mixture
 from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
+from ..expert_choice import ExpertChoiceGapRecorder, expert_choice_routers
 from ..hub.evaluation import record_evaluation
 from ..metrics import EXACT_MATCH_PATH
 from ..training.heatmap import save_load_heatmap
@@ -45,11 +46,14 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
     model.eval()
     exact_match = evaluate.load(EXACT_MATCH_PATH)
     recorder = RouterStatsRecorder(model, only_training=False)
+    gap = ExpertChoiceGapRecorder(model) if expert_choice_routers(model) else None
     family_loads = {}
     report = {}
     try:
         for split_name, dataset in splits.items():
-            nll, tokens = 0.0, 0
+            nll, tokens, batch_rule_nll = 0.0, 0, 0.0
+            if gap is not None:
+                gap.totals.clear()
             predictions, references = defaultdict(list), defaultdict(list)
             split_load = {}  # layer -> (E,) assignments of the split's scored forward calls
             for row in dataset:
@@ -60,14 +64,20 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
                 count = int((labels[:, 1:] != -100).sum())
                 nll += float(outputs.get("lm_loss", outputs.loss)) * count
                 tokens += count
+                if gap is not None:
+                    batch_rule_nll += _batch_selection_loss(model, ids, labels, gap) * count
                 if recorder.routers:
                     _, load = recorder.load_matrix(cumulative=False)
                     family_loads.setdefault(row["family"], []).append(load)
                     for layer, counts in recorder.loads.items():
                         split_load[layer] = split_load.get(layer, 0) + counts
                 prompt = _chat_prompt_ids(tokenizer, row["messages"])
+                if gap is not None:
+                    gap.enabled = False
                 generated = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                if gap is not None:
+                    gap.enabled = True
                 answer = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
                 predictions[row["family"]].append(answer.strip().split("\n")[0])
                 references[row["family"]].append(row["answer"])
@@ -82,18 +92,35 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
                 "examples": {family: list(zip(predictions[family][:3], references[family][:3], strict=True))
                              for family in predictions},
             }
+            if gap is not None:  # the causal rule (used above) against the batch selection it stands in for
+                report[split_name]["expert_choice"] = {
+                    **gap.summary(), "loss_batch_selection": batch_rule_nll / max(tokens, 1)}
             if split_load:
                 per_layer = {layer: max_violation(load).item() for layer, load in sorted(split_load.items())}
                 report[split_name]["max_vio"] = sum(per_layer.values()) / len(per_layer)
                 report[split_name]["max_vio_per_layer"] = per_layer
     finally:
         recorder.remove()
+        if gap is not None:
+            gap.remove()
     if family_loads:
         report["expert_specialisation"] = _specialisation(family_loads, recorder, report_dir)
     if report_dir is not None:
         report_dir.mkdir(parents=True, exist_ok=True)
         (report_dir / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def _batch_selection_loss(model, ids, labels, gap: ExpertChoiceGapRecorder) -> float:
+    """The LM loss of the same example with the (not causal) batch selection in every expert-choice router."""
+    gap.enabled = False
+    model.set_expert_choice_eval_rule("batch")
+    try:
+        outputs = model(input_ids=ids, labels=labels)
+    finally:
+        model.set_expert_choice_eval_rule("threshold")
+        gap.enabled = True
+    return float(outputs.get("lm_loss", outputs.loss))
 
 
 def _specialisation(family_loads: dict, recorder: RouterStatsRecorder, report_dir: Path | None) -> dict:
@@ -136,8 +163,15 @@ def format_evaluation(report: dict) -> str:
                      for name, values in splits.items()],
                     {"split": "split", "perplexity": "perplexity", "loss": "loss", "exact_match": "exact match",
                      "max_vio": "MaxVio"})
+    gaps = [{"split": name, "loss": values["loss"], **values["expert_choice"]}
+            for name, values in splits.items() if "expert_choice" in values]
+    gap_table = "" if not gaps else "\n\nexpert choice, causal threshold rule vs batch selection:\n" + table(gaps, {
+        "split": "split", "loss": "loss (causal)", "loss_batch_selection": "loss (batch sel.)",
+        "agreement": "agreement", "recall": "recall", "precision": "precision",
+        "experts_per_token_causal": "experts/token", "experts_per_token_causal_std": "± std",
+        "experts_per_token_batch": "experts/token (batch)"})
     families = sorted({family for values in splits.values() for family in values["exact_match_per_family"]})
     per_family = table([{"family": family, **{name: values["exact_match_per_family"].get(family)
                                               for name, values in splits.items()}} for family in families],
                        {"family": "family", **{name: f"{name} exact match" for name in splits}})
-    return f"{overall}\n\n{per_family}"
+    return f"{overall}{gap_table}\n\n{per_family}"

@@ -119,31 +119,63 @@ class RouterStatsRecorder:
         return record
 
     def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
+        if index.dtype == torch.bool:  # an expert-choice router: (rows, E) which experts took each row
+            self._record_expert_choice(layer, logits, index)
+            return
         rows, top_k = index.shape
         row_mask = self._row_mask(rows)
         counted = (torch.ones(rows, device=index.device) if row_mask is None else row_mask.to(index.device))
         counted = counted.repeat_interleave(top_k)  # (rows * k,) one per assignment
         load = torch.zeros(self.num_experts[layer], device=index.device).index_add_(0, index.reshape(-1), counted)
-        self.step_load[layer] = load if layer not in self.step_load else self.step_load[layer] + load
+        self._add_load(layer, load)
         if self.loads_only:
             return
         totals = self.totals[layer]
-        load = load.cpu()
-        self.loads[layer] += load
-        self.cumulative_load[layer] += load
-        probs = logits.float().softmax(-1)
-        totals["calls"] += 1
-        totals["rows"] += rows
         totals["assignments"] += counted.sum().item()
         totals["dropped"] += ((weights.reshape(-1) == 0).float() * counted).sum().item()
-        totals["entropy"] += -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum().item()
         totals["aux_loss"] += load_balancing_loss((logits,), top_k).item()
-        totals["z_loss"] += router_z_loss((logits,)).item()
+        self._record_router_terms(totals, logits, rows)
         if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
             per_token = index.reshape(rows // self.num_subtokens, -1).sort(dim=-1).values  # (tokens, h * k)
             distinct = 1 + (per_token[:, 1:] != per_token[:, :-1]).sum(-1)
             totals["distinct_experts"] += distinct.float().sum().item()
             totals["tokens"] += per_token.shape[0]
+
+    def _add_load(self, layer: int, load: torch.Tensor) -> None:
+        self.step_load[layer] = load if layer not in self.step_load else self.step_load[layer] + load
+        if not self.loads_only:
+            self.loads[layer] += load.cpu()
+            self.cumulative_load[layer] += load.cpu()
+
+    def _record_router_terms(self, totals, logits: torch.Tensor, rows: int) -> None:
+        probs = logits.float().softmax(-1)
+        totals["calls"] += 1
+        totals["rows"] += rows
+        totals["entropy"] += -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum().item()
+        totals["z_loss"] += router_z_loss((logits,)).item()
+
+    def _record_expert_choice(self, layer: int, logits: torch.Tensor, selected: torch.Tensor) -> None:
+        """Expert choice: the load is what each expert took; a row's expert count varies (mean and spread kept)."""
+        rows = selected.shape[0]
+        row_mask = self._row_mask(rows)
+        counted = torch.ones(rows, device=selected.device) if row_mask is None else row_mask.to(selected.device)
+        taken = selected.float() * counted[:, None]  # (rows, E), padding rows zero
+        self._add_load(layer, taken.sum(0))
+        if self.loads_only:
+            return
+        totals = self.totals[layer]
+        self._record_router_terms(totals, logits, rows)
+        experts_per_row = taken.sum(-1)[counted > 0]  # (real rows,)
+        totals["assignments"] += experts_per_row.sum().item()
+        totals["experts_per_row_sum"] += experts_per_row.sum().item()
+        totals["experts_per_row_squares"] += experts_per_row.square().sum().item()
+        totals["real_rows"] += experts_per_row.numel()
+        totals["unrouted_rows"] += (experts_per_row == 0).sum().item()
+        if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
+            per_token = taken.reshape(rows // self.num_subtokens, self.num_subtokens, -1).amax(1)  # (tokens, E)
+            token_real = counted.reshape(-1, self.num_subtokens)[:, 0] > 0
+            totals["distinct_experts"] += per_token.sum(-1)[token_real].sum().item()
+            totals["tokens"] += token_real.sum().item()
 
     def load_matrix(self, cumulative: bool = True) -> tuple[list[int], torch.Tensor]:
         """(layer indices, (layers, E) fraction of assignments per expert)."""
@@ -162,7 +194,6 @@ class RouterStatsRecorder:
             fraction = load / load.sum().clamp(min=1)
             step_loads = [step[layer] for step in self.step_history if layer in step and step[layer].sum() > 0]
             values = {
-                "aux_loss": totals["aux_loss"] / totals["calls"],
                 "z_loss": totals["z_loss"] / totals["calls"],
                 "imbalance_max_over_mean": (fraction.max() / fraction.mean()).item(),
                 # Per optimizer step (the global batch once summed over processes), averaged over the steps.
@@ -173,8 +204,16 @@ class RouterStatsRecorder:
                 "dropped_fraction": totals["dropped"] / max(totals["assignments"], 1),
                 "expert_activation_rate": (load > 0).float().mean().item(),
             }
+            if "aux_loss" in totals:  # token choice only: expert choice has no load-balancing loss
+                values["aux_loss"] = totals["aux_loss"] / totals["calls"]
             if totals["tokens"]:
                 values["distinct_experts_per_token"] = totals["distinct_experts"] / totals["tokens"]
+            if totals["real_rows"]:  # expert choice: experts per token (MH-MoE: per sub-token), mean and spread
+                mean = totals["experts_per_row_sum"] / totals["real_rows"]
+                values["experts_per_token"] = mean
+                values["experts_per_token_std"] = max(
+                    totals["experts_per_row_squares"] / totals["real_rows"] - mean * mean, 0.0) ** 0.5
+                values["unrouted_token_fraction"] = totals["unrouted_rows"] / totals["real_rows"]
             for key, value in values.items():
                 metrics[f"moe/layer{layer}/{key}"] = value
                 averages[key].append(value)

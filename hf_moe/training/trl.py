@@ -113,10 +113,12 @@ class _ModelAuxLossMixin:
         logits = tuple(routed.logits)
         biases = tuple(selection_bias(model, layer) for layer in find_moe_layers(model))  # layer order, as routed
         biases = biases if any(bias is not None for bias in biases) else None
-        aux = load_balancing_loss(logits, config.num_experts_per_tok, routed.attention_mask, config.num_subtokens,
-                                  selection_biases=biases)
         z = router_z_loss(logits, routed.attention_mask, config.num_subtokens)
-        terms, logged = self.moe_aux_coef * aux + self.moe_z_coef * z, {"aux_loss": aux, "z_loss": z}
+        terms, logged = self.moe_z_coef * z, {"z_loss": z}
+        if config.router_type != "expert_choice":  # expert choice is balanced by construction: no such loss
+            aux = load_balancing_loss(logits, config.num_experts_per_tok, routed.attention_mask,
+                                      config.num_subtokens, selection_biases=biases)
+            terms, logged["aux_loss"] = terms + self.moe_aux_coef * aux, aux
         if self.moe_sequence_coef > 0 and logits:
             # Sequences are the rows of the batch (a padding-free packed batch is one row: one sequence).
             mask = routed.attention_mask

@@ -16,6 +16,7 @@ from .routers import ROUTER_INITS
 from .sources import open_dense_checkpoint
 
 OUTPUT_DTYPES = ("auto", "bfloat16", "float16", "float32")
+UPCYCLE_ROUTER_TYPES = ("softmax_topk", "expert_choice")
 MERGE_MODES = ("base", "average")
 
 
@@ -38,6 +39,10 @@ class UpcycleArguments:
     calibration_prompts: str | None = field(default=None, metadata={
         "help": "calibration: JSON file with one list of prompts per expert"})
     num_moe_heads: int = field(default=4, metadata={"help": "hf_mh_moe: sub-tokens per token"})
+    router_type: str = field(default="softmax_topk", metadata={
+        "help": "softmax_topk | expert_choice (experts pick tokens, arXiv 2202.09368; hf_moe and hf_mh_moe)"})
+    expert_capacity_factor: float = field(default=2.0, metadata={
+        "help": "expert_choice: experts per token on average (the active compute of top-2)"})
     capacity_factor: float | None = field(default=None, metadata={
         "help": "training capacity factor of the upcycled model; empty = dropless (default: a dropped token loses "
                 "an MLP the dense model relied on); 1.25 = Switch-style"})
@@ -73,6 +78,13 @@ class UpcycleArguments:
             self.top_k = 1 if self.arch == "hf_switch" else 2
         if self.dtype not in OUTPUT_DTYPES:
             raise ValueError(f"`dtype`={self.dtype!r} is invalid: choose one of {OUTPUT_DTYPES}")
+        if self.router_type not in UPCYCLE_ROUTER_TYPES:
+            raise ValueError(f"`router_type`={self.router_type!r} is invalid: choose one of {UPCYCLE_ROUTER_TYPES}")
+        if self.router_type == "expert_choice" and (self.arch == "hf_switch" or self.expert_init == "split"
+                                                    or self.experts):
+            raise ValueError("`router_type`='expert_choice' needs `arch` hf_moe or hf_mh_moe, one source and "
+                             f"`expert_init` copy or drop_upcycle (got arch={self.arch!r}, "
+                             f"expert_init={self.expert_init!r}{', several sources' if self.experts else ''})")
         if self.experts:
             self._check_mix()
 
@@ -87,13 +99,14 @@ class UpcycleArguments:
     @property
     def breaks_equivalence(self) -> bool:
         """Whether the chosen init changes the dense model's function on purpose."""
-        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.expert_init == "drop_upcycle" or self.noise_std > 0
+        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.router_type == "expert_choice" or self.expert_init == "drop_upcycle" or self.noise_std > 0
                 or (self.expert_init == "split" and self.top_k % self.granularity != 0))
 
 
 def default_output_dir(args: UpcycleArguments, dense: DenseCheckpoint) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(dense.name).name)
-    return Path("out") / f"{name}-{args.arch}-{args.num_experts}x{args.top_k}"
+    routing = f"ec{args.expert_capacity_factor:g}" if args.router_type == "expert_choice" else args.top_k
+    return Path("out") / f"{name}-{args.arch}-{args.num_experts}x{routing}"
 
 
 def output_dtype(args: UpcycleArguments, dense: DenseCheckpoint) -> str:
@@ -117,7 +130,8 @@ def prepare(args: UpcycleArguments, dense: DenseCheckpoint | None = None
     moe_intermediate = intermediate // args.granularity if args.expert_init == "split" else intermediate
     config = upcycled_config(dense.config, args.arch, args.num_experts, args.top_k, sparse_layers,
                              moe_intermediate, args.num_moe_heads, base_model=source_lineage(dense).base_model,
-                             capacity_factor=args.capacity_factor)
+                             capacity_factor=args.capacity_factor, router_type=args.router_type,
+                             expert_capacity_factor=args.expert_capacity_factor)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, dense)
     if output_dir.exists() and not args.overwrite:
         raise OutputExistsError(output_dir)

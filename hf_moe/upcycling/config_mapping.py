@@ -68,17 +68,22 @@ def dense_decoder_fields(dense: PreTrainedConfig) -> dict:
 
 def upcycled_config(dense: PreTrainedConfig, arch: str, num_experts: int, top_k: int, sparse_layers: list[int],
                     moe_intermediate_size: int, num_moe_heads: int, base_model: str,
-                    capacity_factor: float | None = None) -> MoeConfig:
+                    capacity_factor: float | None = None, router_type: str = "softmax_topk",
+                    expert_capacity_factor: float = 2.0) -> MoeConfig:
     """The target config. Routing is set up for dense equivalence at step 0 with copied experts: renormalised
     top-k, dropless inference, training capacity `capacity_factor` (None = dropless); Switch uses the
-    straight-through top-1 weight (value 1, router gradient kept)."""
+    straight-through top-1 weight (value 1, router gradient kept). `router_type="expert_choice"`: experts choose
+    `expert_capacity_factor` tokens each on average (not function-preserving: a token gets a varying number of
+    experts)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"`arch`={arch!r} is invalid: choose one of {tuple(ARCHITECTURES)}")
     fields = dense_decoder_fields(dense)
     fields.update(num_experts=num_experts, num_experts_per_tok=top_k, sparse_layers=sparse_layers,
                   moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True, eval_capacity_factor=None,
-                  capacity_factor=capacity_factor,
+                  capacity_factor=capacity_factor, router_type=router_type,
                   base_model=base_model)
+    if router_type == "expert_choice":
+        fields.update(expert_capacity_factor=expert_capacity_factor)
     if arch == "hf_switch":
         fields.update(straight_through_topk=True)
     if arch == "hf_mh_moe":

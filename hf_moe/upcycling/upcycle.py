@@ -64,6 +64,14 @@ def _sparse_block_tensors(layer: int, gate, up, down, config, args, generator, c
         scale = split_output_scale(num_experts, args.granularity, args.top_k, config.norm_topk_prob)
         gate_up, down_experts = split_experts(gate, up, down, num_experts, args.granularity, scale)
 
+    if config.router_type == "expert_choice":
+        # A token's output is sum over the experts that took it of p * FFN(x); with near-uniform initial routers
+        # p ~ 1/E and c experts per token on average, so E/c makes the expected output the dense FFN's.
+        down_experts = down_experts * (num_experts / config.expert_capacity_factor)
+        # No threshold estimated yet: until the first training forward, inference routes each token to its top-c
+        # experts (the output then is about the dense model's), see `MoeTopKRouter`.
+        tensors[names.expert_choice_threshold] = torch.zeros(num_experts, dtype=torch.float32)
+        tensors[f"{names.expert_choice_threshold}_updates"] = torch.zeros((), dtype=torch.long)
     # Split experts: one router row per virtual copy, repeated for its G shards.
     groups = args.granularity if args.expert_init == "split" else 1
     if args.router_init == "calibration":
