@@ -696,6 +696,11 @@ class MoeExperts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
+        """`top_k_index (tokens, k)` and `top_k_weights (tokens, k)`; or, from an expert-choice router, a bool
+        selection `(tokens, E)` and its weights `(tokens, E)` (see `forward_selection`). Both go through this method,
+        so wrappers of the experts' forward (peft's `target_parameters` LoRA) apply to either."""
+        if top_k_index.dtype == torch.bool:
+            return self.forward_selection(hidden_states, top_k_index, top_k_weights)
         top_k = top_k_index.shape[-1]
         expert_of_assignment = top_k_index.reshape(-1)  # (tokens * k,)
         order = expert_of_assignment.argsort(stable=True)  # assignments grouped by expert
@@ -735,9 +740,7 @@ class MoeExperts(nn.Module):
 def _route_and_run(gate: MoeTopKRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
                    group_size: int) -> torch.Tensor:
     """Route `rows (rows, d)` and run the experts on them: top-k assignments, or the experts' own choice."""
-    _, weights, chosen = gate(rows, row_mask, group_size)
-    if gate.expert_choice:
-        return experts.forward_selection(rows, chosen, weights)
+    _, weights, chosen = gate(rows, row_mask, group_size)  # expert choice: `chosen` is a (rows, E) bool selection
     return experts(rows, chosen, weights)
 
 
@@ -955,7 +958,12 @@ class MoePreTrainedModel(PreTrainedModel):
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # transformers defaults to its "grouped_mm" backend; the experts' own forward is faster for these models
-        # (README, benchmark table), so it is the default here. Any registered backend can still be requested.
+        # (README, benchmark table), so it is the default here. Any registered backend can still be requested...
+        if self.config.router_type == "expert_choice" and requested_experts not in (None, "eager"):
+            # ...except with expert choice: transformers' backends take (tokens, k) assignments, not a selection.
+            raise ValueError(f"`experts_implementation`={requested_experts!r} is invalid with "
+                             "`router_type`='expert_choice': only 'eager' (the experts' own forward) takes expert-choice "
+                             "selections")
         return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
 
     def post_init(self):

@@ -353,3 +353,24 @@ def test_pruning_refuses_expert_choice_naming_what_is_supported(tmp_path):
     with pytest.raises(UnsupportedCheckpointError, match="routes by expert choice.*supported: hf_moe models"):
         prune(str(tmp_path / "ec"), str(tmp_path / "pruned"), keep=2, calibration=[[3, 4, 5]])
     assert not (tmp_path / "pruned").exists()
+
+
+def test_peft_lora_on_the_experts_applies_to_expert_choice():
+    """peft's `target_parameters` LoRA wraps the experts' forward: the selection must go through it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_config(_ec_config()).train()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_parameters=["mlp.experts.gate_up_proj",
+                                                                                 "mlp.experts.down_proj"])
+    peft_model = get_peft_model(model, config)
+    ids = torch.randint(3, 97, (2, 10))
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    lora_b = {n: p for n, p in peft_model.named_parameters() if "lora_B" in n and "experts" in n}
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b.values())
+
+
+def test_expert_choice_refuses_transformers_experts_backends_and_parallel_plans():
+    with pytest.raises(ValueError, match="only 'eager'"):
+        AutoModelForCausalLM.from_config(_ec_config(), experts_implementation="grouped_mm")
+    config = _ec_config()
+    assert not any("experts" in key for key in config.base_model_tp_plan) and config.base_model_ep_plan == {}
