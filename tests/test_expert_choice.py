@@ -374,3 +374,16 @@ def test_expert_choice_refuses_transformers_experts_backends_and_parallel_plans(
         AutoModelForCausalLM.from_config(_ec_config(), experts_implementation="grouped_mm")
     config = _ec_config()
     assert not any("experts" in key for key in config.base_model_tp_plan) and config.base_model_ep_plan == {}
+
+
+def test_evaluate_report_prints_the_gap_table():
+    from hf_moe.recipes.evaluate import format_evaluation
+
+    split = {"perplexity": 5.0, "loss": 1.6, "exact_match": 0.5, "exact_match_per_family": {"math": 0.5},
+             "expert_choice": {"loss_batch_selection": 1.7, "agreement": 0.95, "recall": 0.88, "precision": 0.9,
+                               "experts_per_token_causal": 2.01, "experts_per_token_causal_std": 0.9,
+                               "experts_per_token_batch": 2.05}}
+    text = format_evaluation({"heldout": split})
+    assert "causal threshold rule vs batch selection" in text
+    row = next(line for line in text.splitlines() if line.startswith("heldout") and "0.95" in line)
+    assert all(value in row for value in ("1.6", "1.7", "0.88", "2.01", "2.05"))
