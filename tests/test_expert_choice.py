@@ -387,3 +387,35 @@ def test_evaluate_report_prints_the_gap_table():
     assert "causal threshold rule vs batch selection" in text
     row = next(line for line in text.splitlines() if line.startswith("heldout") and "0.95" in line)
     assert all(value in row for value in ("1.6", "1.7", "0.88", "2.01", "2.05"))
+
+
+@pytest.mark.parametrize("arch", ["hf_moe", "hf_mh_moe"])
+def test_upcycling_to_expert_choice_with_zero_routers_is_dense_at_inference(arch, tmp_path):
+    """Zero routers: every affinity is 1/E, the never-trained rule takes round(c) experts, and the E/c expert scale
+    makes their sum the dense MLP (hf_moe: exactly; MH-MoE changes the function anyway, it only has to load and run)."""
+    from hf_moe import upcycle
+
+    from .conftest import save_tiny_dense
+
+    save_tiny_dense(tmp_path / "dense")
+    folder = upcycle(str(tmp_path / "dense"), str(tmp_path / arch), arch=arch, num_experts=4,
+                     router_type="expert_choice", router_init="zeros")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    moe = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert moe.config.router_type == "expert_choice" and moe.config.expert_capacity_factor == 2.0
+    ids = torch.tensor([[1, 72, 101, 108, 108, 111, 44, 32, 119]])
+    difference = (dense(ids).logits - moe(ids).logits).abs().max().item()
+    if arch == "hf_moe":
+        assert difference < 1e-4
+    moe.train()(input_ids=ids, labels=ids).loss.backward()  # trains; the thresholds get their first estimate
+    assert all(int(layer.router.expert_choice_threshold_updates) == 1 for layer in find_moe_layers(moe))
+
+
+def test_upcycling_refuses_expert_choice_where_it_does_not_apply():
+    from hf_moe.upcycling.arguments import UpcycleArguments
+
+    for options in (dict(arch="hf_switch"), dict(expert_init="split", granularity=2)):
+        with pytest.raises(ValueError, match="`router_type`='expert_choice' needs `arch` hf_moe or hf_mh_moe"):
+            UpcycleArguments(router_type="expert_choice", **options)
+    with pytest.raises(ValueError, match="`router_type`='top1' is invalid"):
+        UpcycleArguments(router_type="top1")
