@@ -283,6 +283,7 @@ def test_card_describes_expert_choice():
     rows = dict(architecture_rows(model.config, model))
     assert "expert choice (2 per token on average)" in rows["experts per sparse layer"]
     assert "no load-balancing loss" in rows["router"] and "causal" in rows["router"]
+    assert rows["model type"] == "`hf_moe` (expert-choice Mixture-of-Experts)"
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -334,6 +335,8 @@ def test_upcycled_expert_choice_start_trains_and_reports_the_gap(tmp_path):
         else {k: v for f in sorted((tmp_path / "ec").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert stored["model.layers.0.mlp.gate.expert_choice_threshold_updates"].item() == 0
     assert '"dtype": "float32"' in (tmp_path / "ec" / "config.json").read_text()  # not the counter's int64
+    card = (tmp_path / "ec" / "README.md").read_text()
+    assert "expert-choice Mixture-of-Experts" in card and "scaled by E/c = 2" in card
 
     args = BalancingBenchmarkArguments(output_dir=str(tmp_path / "runs"), max_steps=2, train_per_family=2,
                                        eval_per_family=1, max_length=48, last_steps=2, max_new_tokens=2)

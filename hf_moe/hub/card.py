@@ -19,6 +19,16 @@ from .lineage import Lineage
 CARD_MARKER = "<!-- hf_moe model card -->"
 ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch Transformer (top-1)",
                       "hf_mh_moe": "Multi-Head Mixture-of-Experts"}
+
+
+def architecture_name(config) -> str:
+    """What the card calls the model: by model type, and by routing for expert choice."""
+    if getattr(config, "router_type", None) == "expert_choice":
+        return ("expert-choice Multi-Head Mixture-of-Experts" if config.model_type == "hf_mh_moe"
+                else "expert-choice Mixture-of-Experts")
+    return ARCHITECTURE_NAMES.get(config.model_type, config.model_type)
+
+
 KIND_TAGS = {"upcycled": "upcycled", "fine-tuned": "fine-tuned", "saved": None, "exported": "exported",
              "pruned": "pruned"}
 # hf_moe is not on PyPI: cards name it without a link (a link must not point to a page that does not exist).
@@ -106,7 +116,7 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
     sparse = getattr(config, "sparse_layer_indices", None) or [layer.index for layer in layers]
     shown = ", ".join(map(str, sparse)) if len(sparse) <= 12 else f"{sparse[0]}..{sparse[-1]}"
     rows = [
-        ("model type", f"`{config.model_type}` ({ARCHITECTURE_NAMES.get(config.model_type, config.model_type)})"),
+        ("model type", f"`{config.model_type}` ({architecture_name(config)})"),
         ("experts per sparse layer", experts),
         ("sparse layers", f"{len(sparse)} of {config.num_hidden_layers} ({shown})"),
         ("parameters", f"{_millions(total)} total, {_millions(active)} active per token"),
@@ -143,7 +153,7 @@ def card_metadata(kind: str, config, lineage: Lineage, datasets: list[str] | Non
 
 
 def _summary(kind: str, config, lineage: Lineage) -> str:
-    architecture = ARCHITECTURE_NAMES.get(config.model_type, config.model_type)
+    architecture = architecture_name(config)
     if lineage.base_model and lineage.base_model == lineage.parent:
         parent = f"[`{lineage.parent}`](https://huggingface.co/{lineage.parent})"
     elif lineage.parent:

@@ -49,7 +49,13 @@ def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype
         init += f" (drop ratio {args.drop_ratio})"
     elif init == "split":
         init += f" (granularity {args.granularity})"
-    if args.breaks_equivalence:
+    if getattr(args, "router_type", None) == "expert_choice":
+        equivalence = (f"Expert-choice routing changes the dense model's function (a token gets a varying number of "
+                       f"experts, weighted by unnormalised affinities); the experts are scaled by E/c = "
+                       f"{args.num_experts / args.expert_capacity_factor:g} so that the expected output with "
+                       "near-uniform routers is the dense one. Until training has estimated the routers' thresholds, "
+                       f"inference routes each token to its top-{max(1, round(args.expert_capacity_factor))} experts.")
+    elif args.breaks_equivalence:
         equivalence = "This initialisation changes the dense model's function on purpose."
     else:
         equivalence = ("At initialisation the model computes the same function as the dense model (copied experts, "
