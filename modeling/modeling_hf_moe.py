@@ -219,7 +219,7 @@ def drop_over_capacity(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, n
 
 def expert_choice_selection(scores: torch.Tensor, capacity_factor: float, group_size: int | None = None,
                             token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Expert-choice selection (Zhou et al., arXiv 2202.09368, Sec. 3.1): every expert takes the C rows of highest
+    """Expert-choice selection (Zhou et al., arXiv 2202.09368): every expert takes the C rows of highest
     score in each selection group, `C = ceil(capacity_factor * real rows of the group / experts)` (at most the group's
     real rows).
 
