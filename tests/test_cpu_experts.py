@@ -114,3 +114,11 @@ def test_block_benchmark_runs_the_chosen_rows_and_rejects_unknown_ones():
     assert rows[0]["vs_dense_forward_backward"] > 0 and "vs_mixtral_forward" not in rows[0]
     with pytest.raises(ValueError, match="hf_moe, hf_switch, hf_mh_moe"):
         benchmark_sparse_blocks(SparseBlockBenchmarkArguments(**small, blocks="mixtral"))
+
+
+def test_stats_overhead_benchmark_runs():
+    from hf_moe.recipes.benchmark_blocks import StatsOverheadArguments, benchmark_stats_overhead
+
+    result = benchmark_stats_overhead(StatsOverheadArguments(hidden_size=64, num_hidden_layers=2, vocab_size=100,
+                                                             batch_size=2, sequence_length=8, repeats=1))
+    assert result["plain_step_s"] > 0 and result["overhead_ratio"] > 0

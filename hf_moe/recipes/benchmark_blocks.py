@@ -195,7 +195,7 @@ def benchmark_stats_overhead(args: StatsOverheadArguments) -> dict:
     One step = forward, backward, AdamW step. Rounds alternate the two variants; the ratio is the median of the
     per-round ratios.
     """
-    from .training.router_stats import RouterStatsRecorder
+    from ..training.router_stats import RouterStatsRecorder
 
     torch.manual_seed(args.seed)
     config = MoeConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
