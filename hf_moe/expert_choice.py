@@ -8,6 +8,7 @@ also computes the batch selection it would have made, counting per layer where t
 """
 
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -37,6 +38,15 @@ class ExpertChoiceGapRecorder:
         self.totals = defaultdict(lambda: defaultdict(float))
         self.enabled = True  # off while generating: a decoding step's one-token "batch" is no selection group
         self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+
+    @contextmanager
+    def paused(self):
+        """Record nothing inside (generation, or forwards under the batch rule)."""
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -317,10 +317,6 @@ class MoeConfig(PreTrainedConfig):
                      f"{allowed} or use a token-choice `router_type`")
 
     @property
-    def routes_by_expert_choice(self) -> bool:
-        return self.router_type == "expert_choice"
-
-    @property
     def sparse_layer_indices(self) -> list[int]:
         """Indices of the layers whose MLP is a sparse block."""
         if self.sparse_layers is not None:

@@ -400,8 +400,10 @@ def chosen_experts(logits: torch.Tensor, top_k: int, selection_bias: torch.Tenso
     return scores.topk(top_k, dim=-1).indices
 
 
-def _layer_bias(selection_biases, layer: int) -> torch.Tensor | None:
-    return None if selection_biases is None else selection_biases[layer]
+def _choice_counts(logits: torch.Tensor, top_k: int, selection_biases, layer: int) -> torch.Tensor:
+    """(rows, E) float: 1 where a row chose the expert (`chosen_experts` with the layer's selection bias), else 0."""
+    bias = None if selection_biases is None else selection_biases[layer]
+    return F.one_hot(chosen_experts(logits, top_k, bias), logits.shape[-1]).sum(dim=1).float()
 
 
 def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, attention_mask=None,
@@ -423,8 +425,7 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, att
         num_experts = probs.shape[-1]
         row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
         if dispatch_fraction is None:
-            chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
-                               num_experts).sum(dim=1).float()  # (rows, E)
+            chosen = _choice_counts(logits, top_k, selection_biases, layer)  # (rows, E)
             fraction = _masked_mean(chosen, row_mask) / top_k  # f_e, sums to 1
         else:
             fraction = dispatch_fraction[layer].to(probs.device)
@@ -449,8 +450,7 @@ def sequence_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, b
     for layer, logits in enumerate(router_logits):
         probs = logits.float().softmax(dim=-1)  # (rows, E)
         num_experts = probs.shape[-1]
-        chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
-                           num_experts).sum(dim=1).float()  # (rows, E)
+        chosen = _choice_counts(logits, top_k, selection_biases, layer)  # (rows, E)
         row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
         if row_mask is None:
             row_mask = probs.new_ones(probs.shape[0])
@@ -473,9 +473,7 @@ def expert_dispatch_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, 
     """(layers, E) float32: how many (non-padding row, choice) assignments picked each expert, per layer."""
     counts = []
     for layer, logits in enumerate(router_logits):
-        num_experts = logits.shape[-1]
-        chosen = F.one_hot(chosen_experts(logits, top_k, _layer_bias(selection_biases, layer)),
-                           num_experts).sum(dim=1).float()  # (rows, E)
+        chosen = _choice_counts(logits, top_k, selection_biases, layer)  # (rows, E)
         row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
         counts.append(chosen.sum(0) if row_mask is None else (chosen * row_mask[:, None]).sum(0))
     return torch.stack(counts)

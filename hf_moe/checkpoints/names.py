@@ -60,8 +60,13 @@ class SparseBlockNames:
 
     @property
     def expert_choice_threshold(self) -> str:
-        """An expert-choice router's threshold (its estimate count is the same name + `_updates`)."""
+        """An expert-choice router's inference threshold."""
         return f"{self.prefix}.gate.expert_choice_threshold"
+
+    @property
+    def expert_choice_threshold_updates(self) -> str:
+        """How many training forwards estimated that threshold."""
+        return f"{self.prefix}.gate.expert_choice_threshold_updates"
 
     @property
     def gate_up_proj(self) -> str:

@@ -3,6 +3,7 @@
 import json
 import math
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,12 +73,9 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
                     for layer, counts in recorder.loads.items():
                         split_load[layer] = split_load.get(layer, 0) + counts
                 prompt = _chat_prompt_ids(tokenizer, row["messages"])
-                if gap is not None:
-                    gap.enabled = False
-                generated = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-                if gap is not None:
-                    gap.enabled = True
+                with gap.paused() if gap is not None else nullcontext():
+                    generated = model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
                 answer = tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
                 predictions[row["family"]].append(answer.strip().split("\n")[0])
                 references[row["family"]].append(row["answer"])
@@ -113,13 +111,12 @@ def evaluate_model(model, tokenizer, splits: dict, max_new_tokens: int = 12, rep
 
 def _batch_selection_loss(model, ids, labels, gap: ExpertChoiceGapRecorder) -> float:
     """The LM loss of the same example with the (not causal) batch selection in every expert-choice router."""
-    gap.enabled = False
     model.set_expert_choice_eval_rule("batch")
     try:
-        outputs = model(input_ids=ids, labels=labels)
+        with gap.paused():
+            outputs = model(input_ids=ids, labels=labels)
     finally:
         model.set_expert_choice_eval_rule("threshold")
-        gap.enabled = True
     return float(outputs.get("lm_loss", outputs.loss))
 
 

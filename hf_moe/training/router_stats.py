@@ -144,8 +144,9 @@ class RouterStatsRecorder:
     def _add_load(self, layer: int, load: torch.Tensor) -> None:
         self.step_load[layer] = load if layer not in self.step_load else self.step_load[layer] + load
         if not self.loads_only:
-            self.loads[layer] += load.cpu()
-            self.cumulative_load[layer] += load.cpu()
+            load = load.cpu()
+            self.loads[layer] += load
+            self.cumulative_load[layer] += load
 
     def _record_router_terms(self, totals, logits: torch.Tensor, rows: int) -> None:
         probs = logits.float().softmax(-1)
@@ -166,11 +167,12 @@ class RouterStatsRecorder:
         totals = self.totals[layer]
         self._record_router_terms(totals, logits, rows)
         experts_per_row = taken.sum(-1)[counted > 0]  # (real rows,)
-        totals["assignments"] += experts_per_row.sum().item()
-        totals["experts_per_row_sum"] += experts_per_row.sum().item()
-        totals["experts_per_row_squares"] += experts_per_row.square().sum().item()
+        assignments, squares, unrouted = torch.stack([  # one device-to-host copy for the three sums
+            experts_per_row.sum(), experts_per_row.square().sum(), (experts_per_row == 0).sum()]).tolist()
+        totals["assignments"] += assignments
+        totals["experts_per_row_squares"] += squares
         totals["real_rows"] += experts_per_row.numel()
-        totals["unrouted_rows"] += (experts_per_row == 0).sum().item()
+        totals["unrouted_rows"] += unrouted
         if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
             per_token = taken.reshape(rows // self.num_subtokens, self.num_subtokens, -1).amax(1)  # (tokens, E)
             token_real = counted.reshape(-1, self.num_subtokens)[:, 0] > 0
@@ -209,7 +211,7 @@ class RouterStatsRecorder:
             if totals["tokens"]:
                 values["distinct_experts_per_token"] = totals["distinct_experts"] / totals["tokens"]
             if totals["real_rows"]:  # expert choice: experts per token (MH-MoE: per sub-token), mean and spread
-                mean = totals["experts_per_row_sum"] / totals["real_rows"]
+                mean = totals["assignments"] / totals["real_rows"]
                 values["experts_per_token"] = mean
                 values["experts_per_token_std"] = max(
                     totals["experts_per_row_squares"] / totals["real_rows"] - mean * mean, 0.0) ** 0.5

@@ -71,7 +71,7 @@ def _sparse_block_tensors(layer: int, gate, up, down, config, args, generator, c
         # No threshold estimated yet: until the first training forward, inference routes each token to its top-c
         # experts (the output then is about the dense model's), see `MoeTopKRouter`.
         tensors[names.expert_choice_threshold] = torch.zeros(num_experts, dtype=torch.float32)
-        tensors[f"{names.expert_choice_threshold}_updates"] = torch.zeros((), dtype=torch.long)
+        tensors[names.expert_choice_threshold_updates] = torch.zeros((), dtype=torch.long)
     # Split experts: one router row per virtual copy, repeated for its G shards.
     groups = args.granularity if args.expert_init == "split" else 1
     if args.router_init == "calibration":
