@@ -29,7 +29,8 @@ from . import __version__
 from .cli_output import Report, format_verification, render
 from .errors import UserError, user_message
 
-POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"), "prune": ("source", "output_dir"),
+POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"),
+               "prune": ("source", "output_dir"),
                "finetune": ("model_path",),
                "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id")}
 

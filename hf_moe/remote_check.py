@@ -18,7 +18,8 @@ _REMOTE_LOADER = textwrap.dedent(
     import json, sys
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-    folder, ids, max_new_tokens, result_path = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), int(sys.argv[3]), sys.argv[4]
+    folder, ids, result_path = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[4]
+    max_new_tokens = int(sys.argv[3])
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     base = AutoModel.from_pretrained(folder, trust_remote_code=True)
     classifier = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)

@@ -427,7 +427,8 @@ def mh_moe_matched_config(config: MoeConfig, num_moe_heads: int, num_experts_per
     - FLOPs (Eq. 8): `3 * k * d * d_moe = 2 * d^2 + 3 * k_mh * d * d_mh`, so `d_mh = (k * d_moe - 2d/3) / k_mh`.
     - Parameters (Eq. 9): `E * 3 * d * d_moe = 2 * d^2 + E_mh * 3 * (d/h) * d_mh`, solved for `E_mh` and rounded.
 
-    `d_mh` is rounded to a multiple of 8. `k_mh` (experts per sub-token) defaults to h, as in the paper's configurations (h=2: top-2, h=3: top-3).
+    `d_mh` is rounded to a multiple of 8. `k_mh` (experts per sub-token) defaults to h, as in the paper's
+    configurations (h=2: top-2, h=3: top-3).
 
     Example:
     ```python

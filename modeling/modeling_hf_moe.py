@@ -960,8 +960,8 @@ class MoePreTrainedModel(PreTrainedModel):
         if self.config.router_type == "expert_choice" and requested_experts not in (None, "eager"):
             # ...except with expert choice: transformers' backends take (tokens, k) assignments, not a selection.
             raise ValueError(f"`experts_implementation`={requested_experts!r} is invalid with "
-                             "`router_type`='expert_choice': only 'eager' (the experts' own forward) takes expert-choice "
-                             "selections")
+                             "`router_type`='expert_choice': only 'eager' (the experts' own forward) takes "
+                             "expert-choice selections")
         return super().get_correct_experts_implementation("eager" if requested_experts is None else requested_experts)
 
     def post_init(self):

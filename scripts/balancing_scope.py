@@ -45,7 +45,8 @@ def finetune_arguments(args: ScopeArguments, start: Path, run_dir: Path, scope: 
         FinetuneArguments(model_path=str(start), router_aux_loss_scope=scope,
                           router_aux_loss_coef=args.router_aux_loss_coef, eval_per_family=args.eval_per_family),
         FinetuneTrainingArguments(
-            output_dir=str(run_dir), max_steps=args.max_steps, per_device_train_batch_size=args.per_device_train_batch_size,
+            output_dir=str(run_dir), max_steps=args.max_steps,
+            per_device_train_batch_size=args.per_device_train_batch_size,
             gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
             save_steps=args.max_steps, logging_steps=args.max_steps, report_to="none", seed=args.seed))
 

@@ -128,7 +128,8 @@ def branches(tmp_path_factory):
     tokenizer = byte_tokenizer()
     config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **dict(TINY, hidden_size=64,
                                                                              intermediate_size=128))
-    texts = {domain: _domain_texts(families, 400, seed=index) for index, (domain, families) in enumerate(DOMAINS.items())}
+    texts = {domain: _domain_texts(families, 400, seed=index)
+             for index, (domain, families) in enumerate(DOMAINS.items())}
     torch.manual_seed(0)
     seed = _train(AutoModelForCausalLM.from_config(config), tokenizer, texts["math"] + texts["words"], 40, seed=0)
     _save(seed, tokenizer, root / "seed")
@@ -137,7 +138,8 @@ def branches(tmp_path_factory):
         branch = AutoModelForCausalLM.from_pretrained(root / "seed")
         folders[domain] = _save(_train(branch, tokenizer, texts[domain], 50, seed=index + 1), tokenizer, root / domain)
     prompts = [[text.rsplit(" ", 1)[0] for text in texts[domain][:40]] for domain in DOMAINS]
-    heldout = {domain: _domain_texts(families, 30, seed=100 + i) for i, (domain, families) in enumerate(DOMAINS.items())}
+    heldout = {domain: _domain_texts(families, 30, seed=100 + i)
+               for i, (domain, families) in enumerate(DOMAINS.items())}
     return root, folders, tokenizer, prompts, heldout
 
 

@@ -64,7 +64,8 @@ def _independent_saliency(model, inputs, renormalise: bool) -> dict[str, torch.T
     layers = model.model.layers
     block_inputs = {}
     hooks = [layer.mlp.register_forward_pre_hook(
-        lambda module, args, index=index: block_inputs.setdefault(index, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        lambda module, args, index=index: block_inputs.setdefault(index, []).append(
+            args[0].reshape(-1, args[0].shape[-1])))
         for index, layer in enumerate(layers)]
     logits_per_layer = {index: [] for index in range(len(layers))}
     with torch.no_grad():
@@ -215,7 +216,8 @@ def test_merged_expert_is_the_frequency_weighted_average_of_its_cluster(tmp_path
             members = group["members"]
             weights = frequency[members] / frequency[members].sum()
             for name in ("gate_up_proj", "down_proj"):
-                expected = sum(w * before[f"{prefix}.experts.{name}"][m].double() for w, m in zip(weights, members, strict=True))
+                expected = sum(w * before[f"{prefix}.experts.{name}"][m].double()
+                               for w, m in zip(weights, members, strict=True))
                 torch.testing.assert_close(after[f"{prefix}.experts.{name}"][position].double(), expected)
             torch.testing.assert_close(after[f"{prefix}.gate.weight"][position], before[f"{prefix}.gate.weight"][
                 group["into"]], rtol=0, atol=0)

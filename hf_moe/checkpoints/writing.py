@@ -66,9 +66,9 @@ def write_model_folder(output_dir: str | Path, tensors: Iterable[tuple[str, torc
     `config`, atomically.
 
     `check_names`: the tensors must be exactly those of `config`'s model (off when the names on disk follow another
-    layout, e.g. an export's per-expert tensors). `config.dtype` becomes the weights' dtype (the floating-point dtype of most elements). `finish(staging,
-    model)` runs last, before the rename, with the meta-device model (e.g. to render the card); anything it raises
-    leaves nothing behind. Returns `output_dir`.
+    layout, e.g. an export's per-expert tensors). `config.dtype` becomes the weights' dtype (the floating-point dtype
+    holding most elements). `finish(staging, model)` runs last, before the rename, with the meta-device model (e.g. to
+    render the card); anything it raises leaves nothing behind. Returns `output_dir`.
 
     Example:
     ```python

@@ -51,9 +51,9 @@ KIND_LIMITATIONS = {
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, active per token) parameters. Active counts top-k (expert choice: c on average) of the E experts of each sparse block (for MH-MoE,
-    up to h * k experts: an upper bound, as a token's sub-tokens may pick the same experts). Works for transformers'
-    own MoE models too (the blocks come from `hf_moe.moe_layers`)."""
+    """(total, active per token) parameters. Active counts top-k (expert choice: c on average) of the E experts of
+    each sparse block (for MH-MoE, up to h * k experts: an upper bound, as a token's sub-tokens may pick the same
+    experts). Works for transformers' own MoE models too (the blocks come from `hf_moe.moe_layers`)."""
     from ..moe_layers import find_moe_layers
 
     total = sum(parameter.numel() for parameter in model.parameters())
@@ -63,8 +63,8 @@ def parameter_counts(model) -> tuple[int, int]:
     for layer in find_moe_layers(model):
         if layer.experts_name is None or not layer.num_experts:
             continue
-        # Expert choice: c experts per token on average.
-        per_token = layer.router.expert_capacity_factor if getattr(layer.router, "expert_choice", False) else layer.top_k
+        expert_choice = getattr(layer.router, "expert_choice", False)
+        per_token = layer.router.expert_capacity_factor if expert_choice else layer.top_k  # (c on average)
         used = min(layer.num_experts, per_token * subtokens)
         experts_size = sum(p.numel() for p in modules[layer.experts_name].parameters())
         inactive += experts_size * (1 - used / layer.num_experts)

@@ -85,5 +85,6 @@ def record_evaluation(model, folder: str | Path, report: dict, report_dir: Path)
     if not (folder / "README.md").is_file():
         write_card(folder, saved_card(model, folder.resolve().name))
     plot = (report_dir / "experts_by_family.png").resolve()
-    images = [plot.relative_to(folder.resolve()).as_posix()] if plot.is_relative_to(folder.resolve()) and plot.is_file() else []
+    shown = plot.is_relative_to(folder.resolve()) and plot.is_file()
+    images = [plot.relative_to(folder.resolve()).as_posix()] if shown else []
     return merge_eval_results(folder, report, images)

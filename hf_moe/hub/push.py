@@ -6,9 +6,9 @@
   hf_moe card keeps it;
 - `trainer.push_to_hub()` with `ExpertStatsCallback` uploads the fine-tuned card instead of the Trainer's.
 
-The first two are installed on the hf_moe model classes by `install_card_hooks()` (run with the first hf_moe config, `hf_moe.auto`; the
-modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers' card), the third
-by `use_training_card_on_push` (called by `hf_moe.training.add_moe_callbacks`).
+The first two are installed on the hf_moe model classes by `install_card_hooks()` (run with the first hf_moe config,
+`hf_moe.auto`; the modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers'
+card), the third by `use_training_card_on_push` (called by `hf_moe.training.add_moe_callbacks`).
 """
 
 import functools
@@ -68,7 +68,8 @@ def use_training_card_on_push(trainer) -> None:
 
 
 def install_card_hooks() -> None:
-    """Run by `import hf_moe`: the hf_moe model classes write hf_moe cards on save and push (idempotent)."""
+    """Run with the first hf_moe config (`hf_moe.auto`): the hf_moe model classes write hf_moe cards on save and push
+    (idempotent)."""
     from ..modeling.modeling_hf_moe import MoePreTrainedModel
 
     if "_hf_moe_card_hooks" in vars(MoePreTrainedModel):

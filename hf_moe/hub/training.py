@@ -90,7 +90,8 @@ def training_section(trainer, data: str | None = None) -> dict:
     recipe = [("steps", f"{state.global_step}" + (f" of {args.max_steps}" if args.max_steps > 0 else "")),
               ("effective batch", f"{per_device * accumulation * processes} sequences ({per_device} per device x "
                                   f"{accumulation} accumulation x {processes} process(es))"),
-              ("learning rate", f"{args.learning_rate:g}, {getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}"
+              ("learning rate", f"{args.learning_rate:g}, "
+                                f"{getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}"
                                 f" schedule, {args.warmup_steps} warmup steps"),
               ("optimizer", str(getattr(args.optim, "value", args.optim))),
               ("frozen MoE parts", frozen_parts(model)),

@@ -166,7 +166,8 @@ def pruned_tensors(weight_files: dict[str, Path], plans: list[LayerPlan], num_ex
 
 
 def write_pruned_folder(source: PruningSource, output_dir: str | Path, plans: list[LayerPlan], *,
-                        overwrite: bool = False, max_shard_size: str | int = "2GB", report: dict | None = None, saliency: ExpertSaliency | None = None,
+                        overwrite: bool = False, max_shard_size: str | int = "2GB", report: dict | None = None,
+                        saliency: ExpertSaliency | None = None,
                         method: str = "reap") -> Path:
     """Write the folder of `plans` (one per sparse layer, each keeping the same number of experts), with
     pruning.json (`report`), the saliency heatmap (from `saliency`) and the model card."""

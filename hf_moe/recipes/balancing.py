@@ -136,7 +136,8 @@ def format_balancing_table(rows: list[dict], last_steps: int = 10) -> str:
             if f"{split}_expert_choice" in row]
     if gaps:
         lines += ["", "| expert choice | split | loss, batch selection | agreement | recall | precision | "
-                  "experts per token (causal) | ± std | experts per token (batch) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "experts per token (causal) | ± std | experts per token (batch) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for method, split, gap in gaps:
             lines.append(f"| {method} | {split} | {gap['loss_batch_selection']:.4f} | {gap['agreement']:.3f} | "
                          f"{gap['recall']:.3f} | {gap['precision']:.3f} | {gap['experts_per_token_causal']:.2f} | "

@@ -330,5 +330,6 @@ def format_decoding_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(f"| {row['model']} | {rate(row, 'eager_tokens_per_s')} | {rate(row, 'compiled_tokens_per_s')} | "
                      f"{row['compiled_speedup']:.2f}x | {rate(row, 'mixtral_eager_tokens_per_s')} | "
-                     f"{rate(row, 'mixtral_compiled_tokens_per_s')} | {'yes' if row['same_tokens_as_eager'] else 'NO'} |")
+                     f"{rate(row, 'mixtral_compiled_tokens_per_s')} | "
+                     f"{'yes' if row['same_tokens_as_eager'] else 'NO'} |")
     return "\n".join(lines)

@@ -71,7 +71,8 @@ def expert_diversity(saliency) -> list[dict]:
         if saliency.output_sum is not None:
             similarity = 1 - cosine_distances(saliency.mean_outputs()[row])
             count = similarity.shape[0]
-            entry["mean_output_cosine"] = float((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1)))
+            off_diagonal = similarity.sum() - similarity.diagonal().sum()
+            entry["mean_output_cosine"] = float(off_diagonal / (count * (count - 1)))
         rows.append(entry)
     return rows
 

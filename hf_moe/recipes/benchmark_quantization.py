@@ -67,7 +67,8 @@ def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
         "forward_time_ratio": round(rows[1]["forward_s"] / rows[0]["forward_s"], 2),
         **agreement,
         **({"dense_reference": _dense_reference(args.dense_model_path, quantization_config, inputs,
-                                                 args.max_new_tokens, pad, quantized)} if args.dense_model_path else {}),
+                                                 args.max_new_tokens, pad, quantized)}
+           if args.dense_model_path else {}),
     }
 
 

@@ -9,5 +9,5 @@ from .rollback import train_with_rollback
 from .router_stats import RouterStatsRecorder
 
 __all__ = ["AuxLossFreeBalancingCallback", "SelectionBiasBalancer", "ExpertStatsCallback", "NonFiniteGuardCallback",
-           "OptimizerStepCallback", "add_moe_callbacks", "all_gradients_finite", "freeze_moe", "train_with_rollback", "RouterStatsRecorder", "find_routers",
-           "find_moe_layers"]
+           "OptimizerStepCallback", "add_moe_callbacks", "all_gradients_finite", "freeze_moe", "train_with_rollback",
+           "RouterStatsRecorder", "find_routers", "find_moe_layers"]

@@ -99,7 +99,8 @@ class UpcycleArguments:
     @property
     def breaks_equivalence(self) -> bool:
         """Whether the chosen init changes the dense model's function on purpose."""
-        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.router_type == "expert_choice" or self.expert_init == "drop_upcycle" or self.noise_std > 0
+        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.router_type == "expert_choice"
+                or self.expert_init == "drop_upcycle" or self.noise_std > 0
                 or (self.expert_init == "split" and self.top_k % self.granularity != 0))
 
 
