@@ -314,11 +314,14 @@ def main(argv: list[str] | None = None) -> None:
         print(version_line())
         return
     commands = _commands()
-    if not argv or argv[0] not in commands:
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, like argparse's --help of every subcommand
+        print(_usage(commands))
+        raise SystemExit(0)
+    if not argv or argv[0] not in commands:  # a usage error: stderr, status 2, as argparse does
         print(_usage(commands), file=sys.stderr)
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"hf-moe: error: unknown command {argv[0]!r}", file=sys.stderr)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        problem = f"unknown command {argv[0]!r}" if argv else "choose a command"
+        print(f"hf-moe: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     command = argv[0]
     _quiet_third_party_notices()
     _register_model_types()

@@ -186,3 +186,25 @@ def test_finetune_with_a_malformed_jsonl_dataset_says_one_error_line_naming_the_
     lines = result.stderr.splitlines()  # the file is checked when the arguments are parsed: nothing else prints
     assert len(lines) == 1, result.stderr[-2000:]
     assert lines[-1].startswith(f"hf-moe finetune: error: {dataset}: line 13 is not valid JSON (Expecting value")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["prune", "--help"], ["finetune", "-h"]])
+def test_help_prints_on_stdout_with_status_0(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 0
+    assert captured.err == ""
+    assert captured.out.startswith("hf-moe " if len(argv) == 1 else f"usage: hf-moe {argv[0]} ")
+
+
+@pytest.mark.parametrize("argv, error", [([], "hf-moe: error: choose a command"),
+                                         (["bogus"], "hf-moe: error: unknown command 'bogus'")])
+def test_a_missing_or_unknown_command_prints_the_usage_on_stderr_with_status_2(argv, error, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert captured.out == ""
+    assert "usage: hf-moe {upcycle," in captured.err
+    assert captured.err.rstrip().splitlines()[-1] == error
