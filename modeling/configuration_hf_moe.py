@@ -152,8 +152,11 @@ class MoeConfig(PreTrainedConfig):
             depend on that token alone, as Mixture-of-Depths' causal inference rule (arXiv 2404.02258).
             `"batch"`: the training selection over the call's tokens (not causal; for measuring the gap). A router
             whose threshold was never estimated routes each token to its top-`round(expert_capacity_factor)` experts.
+            This rule also routes the decoding steps (tokens after cached ones) of a train-mode `generate` under
+            `torch.no_grad()`, as RL trainers run it; a whole batch in train mode is selected as in training.
         expert_choice_threshold_momentum (`float`, defaults to 0.1): as BatchNorm's momentum, each training forward
-            sets `threshold = (1 - m) * threshold + m * cutoff` (a plain average over the first 1/m forwards).
+            (train mode with gradients enabled) sets `threshold = (1 - m) * threshold + m * cutoff` (a plain average
+            over the first 1/m forwards).
 
     Provenance:
         base_model (`str`, *optional*): the dense checkpoint this model was upcycled from, for the model card.

@@ -300,9 +300,11 @@ class MoeTopKRouter(nn.Module):
                                                        device=self.weight.device)
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
-                group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                group_size: int | None = None, continues_cache: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all);
-        `group_size`: rows per sequence (expert choice per sequence)."""
+        `group_size`: rows per sequence (expert choice per sequence); `continues_cache`: the call's tokens follow
+        tokens already in the KV cache (a decoding step), so they are not whole sequences (expert choice)."""
         # Selective precision (Switch Sec. 2.4): the router runs in at least float32 whatever the model dtype.
         router_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         router_input = hidden_states.to(router_dtype)  # (tokens, d)
@@ -317,7 +319,7 @@ class MoeTopKRouter(nn.Module):
             selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
         router_probs = selection_logits.softmax(dim=-1)
         if self.expert_choice:
-            weights, selected = _expert_choice_forward(self, router_probs, token_mask, group_size)
+            weights, selected = _expert_choice_forward(self, router_probs, token_mask, group_size, continues_cache)
             return router_logits, weights.to(hidden_states.dtype), selected
         if self.e_score_correction_bias is None:
             top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
@@ -336,13 +338,26 @@ class MoeTopKRouter(nn.Module):
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
 
+def forward_trains(module: nn.Module) -> bool:
+    """Whether a forward of `module` trains: train mode with gradients. Only such a forward may update training
+    state (expert-choice thresholds, the optimizer step's expert counts); RL trainers generate and score with the
+    policy in train mode under `torch.no_grad()`."""
+    return module.training and torch.is_grad_enabled()
+
+
 def _expert_choice_forward(router: "MoeTopKRouter", probs: torch.Tensor, token_mask: torch.Tensor | None,
-                           group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(weights (rows, E), selected (rows, E) bool)` of an expert-choice router; see `MoeTopKRouter`."""
-    if router.training or router.eval_rule == "batch":
+                           group_size: int | None, continues_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weights (rows, E), selected (rows, E) bool)` of an expert-choice router; see `MoeTopKRouter`.
+
+    Train mode selects by batch, as training does, so that scoring a batch under `torch.no_grad()` (the old and
+    reference log-probs of RL trainers) gives the training forward's output; only a forward that trains moves the
+    threshold. A decoding step without gradients (`continues_cache`: one new token per sequence, no selection group
+    of whole sequences) routes as outside training."""
+    trains = forward_trains(router)
+    if (router.training and (trains or not continues_cache)) or router.eval_rule == "batch":
         selected, cutoff = expert_choice_selection(probs.detach(), router.expert_capacity_factor,
                                                    group_size if router.group_by_sequence else None, token_mask)
-        if router.training and cutoff is not None:
+        if trains and cutoff is not None:
             _update_threshold(router, cutoff)
     elif router.expert_choice_threshold_updates > 0:
         # The causal rule: an expert takes a token when the token's affinity reaches the expert's usual cutoff.
@@ -736,9 +751,10 @@ class MoeExperts(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ sparse blocks
 def _route_and_run(gate: MoeTopKRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
-                   group_size: int) -> torch.Tensor:
+                   group_size: int, continues_cache: bool = False) -> torch.Tensor:
     """Route `rows (rows, d)` and run the experts on them: top-k assignments, or the experts' own choice."""
-    _, weights, chosen = gate(rows, row_mask, group_size)  # expert choice: `chosen` is a (rows, E) bool selection
+    # Expert choice: `chosen` is a (rows, E) bool selection.
+    _, weights, chosen = gate(rows, row_mask, group_size, continues_cache)
     return experts(rows, chosen, weights)
 
 
@@ -754,12 +770,14 @@ class MoeSparseBlock(nn.Module):
             shared_size = config.num_shared_experts * config.moe_intermediate_size
             self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`token_mask (batch, seq)` bool marks the real tokens (see `drop_over_capacity`); None: all are real."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                continues_cache: bool = False) -> torch.Tensor:
+        """`token_mask (batch, seq)` bool marks the real tokens (see `drop_over_capacity`); None: all are real.
+        `continues_cache`: the tokens follow cached ones (see `MoeTopKRouter.forward`)."""
         input_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
         row_mask = token_mask.reshape(-1) if token_mask is not None else None
-        output = _route_and_run(self.gate, self.experts, tokens, row_mask, group_size=input_shape[1])
+        output = _route_and_run(self.gate, self.experts, tokens, row_mask, input_shape[1], continues_cache)
         if self.shared_experts is not None:
             output = output + self.shared_experts(tokens)
         return output.reshape(input_shape)
@@ -786,13 +804,15 @@ class MHMoeSparseBlock(nn.Module):
             shared_size = config.num_shared_experts * config.moe_intermediate_size
             self.shared_experts = MoeMLP(config, config.hidden_size, shared_size)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`token_mask (batch, seq)` bool marks the real tokens; each one's h sub-tokens share its flag."""
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                continues_cache: bool = False) -> torch.Tensor:
+        """`token_mask (batch, seq)` bool marks the real tokens; each one's h sub-tokens share its flag.
+        `continues_cache`: the tokens follow cached ones (see `MoeTopKRouter.forward`)."""
         input_shape = hidden_states.shape
         sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
         row_mask = token_mask.reshape(-1).repeat_interleave(self.num_heads) if token_mask is not None else None
-        routed = _route_and_run(self.gate, self.experts, sub_tokens, row_mask,
-                                group_size=input_shape[1] * self.num_heads)
+        routed = _route_and_run(self.gate, self.experts, sub_tokens, row_mask, input_shape[1] * self.num_heads,
+                                continues_cache)
         merged = routed.reshape(input_shape)  # (batch, seq, d)
         output = self.merge_proj(merged)
         if self.shared_experts is not None:
@@ -843,7 +863,7 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
 
     @_deprecates_old_cache_name
     def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False,
-                position_embeddings=None, token_mask=None, **kwargs) -> torch.Tensor:
+                position_embeddings=None, token_mask=None, continues_cache=False, **kwargs) -> torch.Tensor:
         cache = _cache_argument(cache, kwargs)
         residual = hidden_states
         hidden_states, _ = self.self_attn(
@@ -857,7 +877,7 @@ class MoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         mlp_input = self.post_attention_layernorm(hidden_states)
-        mlp_output = self.mlp(mlp_input, token_mask) if self.is_sparse else self.mlp(mlp_input)
+        mlp_output = self.mlp(mlp_input, token_mask, continues_cache) if self.is_sparse else self.mlp(mlp_input)
         return hidden_states + mlp_output
 
 
@@ -1031,6 +1051,8 @@ class MoeModel(MoePreTrainedModel):
         if (self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None
                 or self.config.router_type == "expert_choice"):
             token_mask = real_token_mask(attention_mask, *inputs_embeds.shape[:2], past_seen_tokens)
+        # Expert choice routes a decoding step (tokens after cached ones) without gradients as at inference.
+        continues_cache = self.config.router_type == "expert_choice" and bool(past_seen_tokens)
 
         if not isinstance(mask_mapping := attention_mask, dict):  # `generate` may have prepared them already
             mask_kwargs = {
@@ -1054,6 +1076,7 @@ class MoeModel(MoePreTrainedModel):
                 position_ids=position_ids,
                 use_cache=use_cache,
                 token_mask=token_mask,
+                continues_cache=continues_cache,
                 **{_CACHE_NAME: cache},  # the name GradientCheckpointingLayer looks for to drop the cache
                 **kwargs,
             )
@@ -1186,8 +1209,8 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
                                   ) -> torch.Tensor | None:
         """f_e (layers, E) over the data-parallel processes and the step so far, or None for micro-batch scope."""
         config = self.config
-        if config.router_aux_loss_scope != "global_batch" or not self.training or labels is None:
-            return None  # collectives only in training forwards, which every process runs
+        if config.router_aux_loss_scope != "global_batch" or not forward_trains(self) or labels is None:
+            return None  # the step's counts and the collectives only in training forwards, which every process runs
         counts = _sum_over_processes(expert_dispatch_counts(router_logits, config.num_experts_per_tok,
                                                             attention_mask, config.num_subtokens, selection_biases))
         step = getattr(self, "_optimizer_step", None)

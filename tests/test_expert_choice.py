@@ -39,11 +39,10 @@ def _ec_config(model_type="hf_moe", **overrides):
 
 def _ec_model(model_type="hf_moe", calibrate=True, **overrides):
     model = AutoModelForCausalLM.from_config(_ec_config(model_type, **overrides))
-    if calibrate:  # training forwards estimate the thresholds
+    if calibrate:  # training forwards (train mode, gradients on) estimate the thresholds
         model.train()
-        with torch.no_grad():
-            for _ in range(12):
-                model(input_ids=torch.randint(3, 97, (4, 16)))
+        for _ in range(12):
+            model(input_ids=torch.randint(3, 97, (4, 16)))
     return model.eval()
 
 
