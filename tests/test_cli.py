@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,35 @@ def test_a_missing_or_unknown_command_prints_the_usage_on_stderr_with_status_2(a
     assert captured.out == ""
     assert "usage: hf-moe {upcycle," in captured.err
     assert captured.err.rstrip().splitlines()[-1] == error
+
+
+def _help_texts(monkeypatch, capsys) -> dict[str, str]:
+    """The `--help` text of `hf-moe` and of each subcommand, unwrapped (one wide terminal line per option)."""
+    from hf_moe.cli import _commands
+
+    monkeypatch.setenv("COLUMNS", "2000")  # argparse wraps at the terminal width, which could split a path
+    texts = {}
+    for command in ["", *_commands()]:
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"] if command else ["--help"])
+        texts[command or "hf-moe"] = capsys.readouterr().out
+    return texts
+
+
+def test_every_document_a_help_text_names_exists_with_its_heading(monkeypatch, capsys):
+    from .test_docs import ROOT, _anchors
+
+    reference = re.compile(r"(README\.md|docs/[\w-]+\.md)(?:#([\w-]+))?")
+    problems, checked = [], 0
+    for command, text in _help_texts(monkeypatch, capsys).items():
+        for mention in re.findall(r"\b(?:README|docs)\b[^\s),;]*", text):  # every pointer, well-formed or not
+            match = reference.fullmatch(mention.rstrip(".:"))
+            if match is None:
+                problems.append(f"{command}: {mention!r} is not a path like docs/training.md#balancing")
+            elif not (ROOT / match[1]).is_file():
+                problems.append(f"{command}: {match[1]} does not exist")
+            elif match[2] and match[2] not in _anchors(ROOT / match[1]):
+                problems.append(f"{command}: {match[1]} has no heading #{match[2]}")
+            checked += 1
+    assert problems == []
+    assert checked >= 3

@@ -38,11 +38,13 @@ class FinetuneArguments:
     eval_per_family: int = field(default=10, metadata={"help": "embedded mixture: eval examples per family"})
     max_length: int = 256
     router_aux_loss_scope: str | None = field(default=None, metadata={
-        "help": "micro_batch | global_batch: override the model's load-balancing scope (README: Load balancing scope)"})
+        "help": "micro_batch | global_batch: override the model's load-balancing scope "
+                "(docs/training.md#load-balancing-scope)"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "override the load-balancing weight"})
     router_bias_update_rate: float | None = field(default=None, metadata={
         "help": "auxiliary-loss-free balancing: gamma of the routers' selection bias, updated after every optimizer "
-                "step (hf_moe models get the bias; DeepSeek-V3, GLM-4.5-MoE, ... have one); 0 = off (docs: Balancing)"})
+                "step (hf_moe models get the bias; DeepSeek-V3, GLM-4.5-MoE, ... have one); 0 = off "
+                "(docs/training.md#balancing)"})
     router_sequence_aux_loss_coef: float | None = field(default=None, metadata={
         "help": "hf_moe models: weight of DeepSeek-V3's sequence-wise balance loss (e.g. 1e-4 with the bias)"})
     freeze: str | None = field(default=None, metadata={"help": "router | experts | moe (FLAN-MoE ablations)"})
