@@ -271,6 +271,24 @@ def test_ddp_finetune_gives_the_bias_of_one_process_with_the_same_global_batch(t
         assert torch.equal(got, want), (got, want)
 
 
+def test_train_mode_forwards_without_gradients_move_no_bias():
+    """TRL's GRPO / online trainers generate and score with the policy in train mode under `torch.no_grad()`."""
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", router_bias_update_rate=0.05)).train()
+    balancer = SelectionBiasBalancer(model, update_rate=0.05)
+    ids = torch.randint(3, 97, (2, 8))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)
+        model(input_ids=ids, labels=ids)  # scoring the completions
+    assert [load.sum().item() for load in balancer.step().values()] == [0.0, 0.0, 0.0]
+    assert all(torch.equal(b, torch.zeros(4)) for b in _biases(model))
+    # A forward that trains still counts: the next step moves every bias by gamma.
+    model(input_ids=ids, labels=ids)
+    loads = balancer.step()
+    assert [load.sum().item() for load in loads.values()] == [32.0, 32.0, 32.0]  # 16 tokens x k=2
+    assert all(b.abs().max().item() == pytest.approx(0.05) for b in _biases(model))
+
+
 def test_frozen_routers_keep_their_bias(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_bias_update_rate=0.05))
     freeze_moe(model, "router")

@@ -324,3 +324,42 @@ def test_json_dataset_is_json_lines_or_one_document(tmp_path):
     broken = _write_rows(tmp_path / "broken.json", ["[", f"  {GOOD_ROW},", f"  {GOOD_ROW[:-1]}", "]"])
     with pytest.raises(ValueError, match=r"broken\.json: not valid JSON at line 4, column 1 \(Expecting ','"):
         load_instruction_dataset(str(broken))
+
+
+# ------------------------------------------------------------------------------------------------ router statistics
+def _train_mode_model(**overrides):
+    from .conftest import tiny_config
+
+    return AutoModelForCausalLM.from_config(tiny_config("hf_moe", **overrides)).train()
+
+
+def _load_sums(recorder) -> list[float]:
+    return [recorder.loads[layer].sum().item() for layer in sorted(recorder.loads)]
+
+
+def test_train_mode_forwards_without_gradients_add_no_training_statistics():
+    """TRL's GRPO / online trainers generate and score with the policy in train mode under `torch.no_grad()`."""
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model()
+    recorder = RouterStatsRecorder(model, only_training=True)
+    ids = torch.randint(3, 97, (2, 8))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                       pad_token_id=0)
+        model(input_ids=ids, labels=ids)  # scoring the completions
+    assert model.training
+    assert _load_sums(recorder) == [0.0, 0.0, 0.0]
+    assert recorder.end_step() == {} and dict(recorder.loss_terms) == {} and recorder.summary() == {}
+
+
+def test_a_training_forward_adds_training_statistics():
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model()
+    recorder = RouterStatsRecorder(model, only_training=True)
+    ids = torch.randint(3, 97, (2, 8))
+    model(input_ids=ids, labels=ids)
+    assert _load_sums(recorder) == [32.0, 32.0, 32.0]  # 16 tokens x k=2
+    assert [load.sum().item() for load in recorder.end_step().values()] == [32.0, 32.0, 32.0]
+    assert len(recorder.loss_terms["aux_loss"]) == 1 and recorder.summary()["moe/layer0/expert0_fraction"] >= 0

@@ -53,7 +53,8 @@ class SelectionBiasBalancer:
     """Moves the routers' selection biases after each optimizer step by `gamma * sign(mean load - load_e)`.
 
     Create it when the routers' trainability is settled (after any freezing): routers whose parameters are all frozen
-    keep their bias as it is. Every training forward call of `model` then counts its (non-padding) assignments per
+    keep their bias as it is. Every forward call of `model` that trains (train mode with gradients; not the generation
+    and scoring RL trainers run in train mode under `torch.no_grad()`) then counts its (non-padding) assignments per
     expert; `step()` closes an optimizer step: it sums those counts over the data-parallel processes (one
     all-reduce of all layers' counts; every process must call it, as every process runs the optimizer step) and
     updates the biases, in float32. A plain loop calls `step()` after `optimizer.step()`; the Trainer callback

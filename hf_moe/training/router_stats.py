@@ -20,6 +20,12 @@ def is_per_layer_key(key: str) -> bool:
 LOSS_TERMS = ("lm_loss", "aux_loss", "z_loss", "sequence_aux_loss")  # the model's own terms (MoeCausalLMOutput)
 
 
+def forward_trains(module: nn.Module) -> bool:
+    """Whether a forward of `module` trains: train mode with gradients. RL trainers (TRL's GRPO, online DPO) generate
+    and score with the policy in train mode under `torch.no_grad()`; those forwards are not training."""
+    return module.training and torch.is_grad_enabled()
+
+
 def max_violation(load: torch.Tensor) -> torch.Tensor:
     """MaxVio (Wang et al., arXiv 2408.15664, eq. 4): `max_e load_e / mean_e load_e - 1` over the last dimension;
     0 when every expert gets the same load."""
@@ -32,7 +38,8 @@ class RouterStatsRecorder:
 
     Recorded per sparse layer: router rows (tokens, or sub-tokens for MH-MoE), assignments per expert, dropped
     assignments (capacity), summed router entropy, the load-balancing loss and z-loss of each forward call, and the
-    number of distinct experts the sub-tokens of one token reach (MH-MoE). Work per forward call is a handful of
+    number of distinct experts the sub-tokens of one token reach (MH-MoE). With `only_training` (the default) only
+    forwards that train count: train mode with gradients (`forward_trains`). Work per forward call is a handful of
     reductions on the (tokens, E) router output, done without gradient. The load (assignments per expert) and the
     dropped assignments count the tokens the attention mask marks real: padding does not load an expert.
 
@@ -97,7 +104,7 @@ class RouterStatsRecorder:
         self.handles = []
 
     def _record_loss_terms(self, module, inputs, outputs) -> None:
-        if self.only_training and not module.training:
+        if self.only_training and not forward_trains(module):
             return
         for key in LOSS_TERMS:
             value = getattr(outputs, key, None)
@@ -106,7 +113,7 @@ class RouterStatsRecorder:
 
     def _hook(self, layer: int, top_k: int):
         def record(module, inputs, outputs):
-            if self.only_training and not module.training:
+            if self.only_training and not forward_trains(module):
                 return
             with torch.no_grad():
                 if isinstance(outputs, tuple) and len(outputs) >= 3:  # (logits, top-k weights, top-k index)
