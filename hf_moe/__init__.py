@@ -10,6 +10,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from . import offline_bitsandbytes
+
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it (imported on first access, PEP 562).
@@ -38,6 +40,9 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted([*globals(), *_PUBLIC])
+
+
+offline_bitsandbytes.install()  # bitsandbytes, whoever imports it, without Hub kernels and their notices
 
 
 def _register() -> None:

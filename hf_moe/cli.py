@@ -19,7 +19,6 @@ Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from
 import importlib
 import importlib.metadata
 import json
-import logging
 import os
 import sys
 import traceback
@@ -292,13 +291,6 @@ def _usage(commands: dict) -> str:
             f"       hf-moe --version\n\n{listing}\n\n`hf-moe COMMAND --help` lists a command's options.")
 
 
-def _quiet_third_party_notices() -> None:
-    """Logging settings of this command's process (a library must not make them): on AVX512-BF16 CPUs bitsandbytes,
-    imported by peft when transformers' Trainer is, warns at import that it could not fetch an optional kernel from
-    the Hub (`pip install kernels`); it then uses its own CPU kernel, and hf-moe never downloads at run time."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 def _register_model_types() -> None:
     """`import hf_moe` registers the model types unless the `hf-moe` command imports it (see hf_moe/__init__.py), so
     that `--help` and `--version` start instantly; a subcommand needs them, so it registers here."""
@@ -323,7 +315,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hf-moe: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     command = argv[0]
-    _quiet_third_party_notices()
     _register_model_types()
     shared = {option.name for option in _shared_options(_arguments_classes(commands[command][0]))}
     debug = ("debug" in shared and "--debug" in argv) or os.environ.get("HF_MOE_DEBUG", "") not in ("", "0")

@@ -16,8 +16,8 @@ HF_MOE = str(Path(sys.executable).with_name("hf-moe"))
 ENVIRONMENT = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 
 
-def _run(arguments, **kwargs):
-    return subprocess.run(arguments, capture_output=True, text=True, env=ENVIRONMENT, timeout=600, **kwargs)
+def _run(arguments, env=ENVIRONMENT, **kwargs):
+    return subprocess.run(arguments, capture_output=True, text=True, env=env, timeout=600, **kwargs)
 
 
 @pytest.mark.parametrize("option", ["--help", "--version"])
@@ -58,3 +58,45 @@ def test_upcycle_prints_no_third_party_warning(tiny_upcycled, tmp_path):
     # stderr holds the progress bar only
     lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert all(line.startswith("upcycling -> hf_moe:") for line in lines), lines
+
+
+OPTIONAL = ("bitsandbytes", "peft", "trl", "deepspeed")
+
+
+@pytest.mark.parametrize("module", ["hf_moe", "hf_moe.training", "hf_moe.upcycling", "hf_moe.pruning",
+                                    "hf_moe.export"])
+def test_importing_a_package_imports_no_optional_library_and_prints_nothing(module):
+    result = _run([sys.executable, "-c", f"import sys, {module}\n"
+                   f"print(sorted(name for name in {OPTIONAL!r} if name in sys.modules))"])
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "[]", ""), result.stderr
+
+
+# Whether bitsandbytes asks the `kernels` package for its Hub kernel on this CPU (AVX512-BF16), read in a process
+# where it is imported without hf_moe.
+_ASKS_FOR_HUB_KERNEL = ("import sys; sys.modules['kernels'] = None\n"
+                        "import bitsandbytes.functional as F; print(bool(F.has_avx512bf16()))")
+# Imports `statement` with a record of every `kernels.get_kernel` call, and prints the calls.
+_RECORDING_KERNEL_FETCHES = ("import kernels\ncalls = []\n"
+                             "kernels.get_kernel = lambda *args, **kwargs: calls.append(args) or 1 / 0\n"
+                             "{statement}\nimport bitsandbytes\nprint('kernel fetches:', calls)")
+
+
+@pytest.mark.parametrize("offline", ["1", "0"])
+@pytest.mark.parametrize("statement", ["from hf_moe.training import ExpertStatsCallback",
+                                       "import hf_moe; from transformers import Trainer"])
+def test_trainer_imports_after_hf_moe_fetch_no_hub_kernel_and_print_nothing(statement, offline):
+    """transformers >= 5.25 installs `kernels`, the Trainer imports peft, peft imports bitsandbytes: on AVX512-BF16
+    CPUs that would fetch a kernel from the Hub (online) or warn (offline or untrusted)."""
+    probe = _RECORDING_KERNEL_FETCHES.format(statement=statement)
+    result = _run([sys.executable, "-c", probe], env={**ENVIRONMENT, "HF_HUB_OFFLINE": offline})
+    assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "kernel fetches: []", ""), result.stderr
+
+
+def test_without_hf_moe_the_trainer_import_asks_for_the_hub_kernel_on_avx512_bf16_cpus():
+    """The control of the test above: the same import without hf_moe does ask, where bitsandbytes asks at all."""
+    if _run([sys.executable, "-c", _ASKS_FOR_HUB_KERNEL]).stdout.strip() != "True":
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never asks for its Hub kernel here")
+    trainer_import = _RECORDING_KERNEL_FETCHES.format(statement="from transformers import Trainer")
+    result = _run([sys.executable, "-c", trainer_import])
+    assert "kernel fetches: [('kernels-community/quantization-bitsandbytes',)]" in result.stdout, result.stdout
+    assert "Failed to load CPU gemm_4bit_forward" in result.stderr
