@@ -293,6 +293,21 @@ class MoeTopKRouter(nn.Module):
             self.register_buffer("expert_choice_threshold", torch.zeros(config.num_experts, dtype=torch.float32))
             self.register_buffer("expert_choice_threshold_updates", torch.zeros((), dtype=torch.long))
 
+    # Router state that small steps move (the selection bias by gamma ~ 1e-3, the thresholds by momentum * change):
+    # below a bfloat16 step near 1, so it stays float32 whatever dtype the model is cast to.
+    _float32_buffers = ("e_score_correction_bias", "expert_choice_threshold")
+
+    def _apply(self, fn, recurse=True):
+        # `Module.to(dtype)`, `.half()` and `.bfloat16()` all go through `_apply`; a float32 buffer takes the
+        # device the conversion chose but keeps its float32 values (casting back would have rounded them).
+        kept = {name: self._buffers[name] for name in self._float32_buffers if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            converted = self._buffers[name]
+            if converted.dtype != torch.float32:
+                self._buffers[name] = original.to(device=converted.device, dtype=torch.float32)
+        return self
+
     def add_selection_bias(self) -> None:
         """Give the router a zero selection bias (no-op when it has one)."""
         if self.e_score_correction_bias is None:

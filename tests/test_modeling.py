@@ -133,6 +133,38 @@ def test_bf16_forward_is_finite_and_close_to_float32(model_type):
     assert (logits.float() - expected).abs().max().item() < 0.1
 
 
+ROUTER_STATE = {"e_score_correction_bias": dict(router_bias_update_rate=1e-3),
+                "expert_choice_threshold": dict(router_type="expert_choice")}
+
+
+@pytest.mark.parametrize("buffer", sorted(ROUTER_STATE))
+@pytest.mark.parametrize("cast", ["to", "half", "bfloat16"])
+def test_casting_the_model_keeps_the_router_state_in_float32(buffer, cast):
+    """Selection-bias steps (1e-3) and threshold moves are below a bfloat16 step near 1: a cast would lose them."""
+    model = _model("hf_moe", **ROUTER_STATE[buffer])
+    for layer in model.model.layers:
+        getattr(layer.mlp.gate, buffer).fill_(0.2501)  # 0.25 in bfloat16 and in float16 (step 2^-11 there)
+    low = torch.float16 if cast == "half" else torch.bfloat16
+    model = model.to(low) if cast == "to" else getattr(model, cast)()
+    buffers = [getattr(layer.mlp.gate, buffer) for layer in model.model.layers]
+    assert {b.dtype for b in buffers} == {torch.float32} and all(b.eq(0.2501).all() for b in buffers)
+    assert model.model.layers[0].mlp.gate.weight.dtype == low
+    logits = model(input_ids=_ids()).logits
+    assert logits.dtype == low and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("buffer", sorted(ROUTER_STATE))
+def test_a_bfloat16_model_saves_and_loads_its_router_state_in_float32(buffer, tmp_path):
+    model = _model("hf_moe", **ROUTER_STATE[buffer])
+    for layer in model.model.layers:
+        getattr(layer.mlp.gate, buffer).fill_(0.2501)
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.dtype == torch.bfloat16
+    buffers = [getattr(layer.mlp.gate, buffer) for layer in loaded.model.layers]
+    assert {b.dtype for b in buffers} == {torch.float32} and all(b.eq(0.2501).all() for b in buffers)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(model_type):
     model = _model(model_type, capacity_factor=None, router_jitter_noise=0.0).train()
     ids = _ids()
