@@ -363,3 +363,54 @@ def test_a_training_forward_adds_training_statistics():
     assert _load_sums(recorder) == [32.0, 32.0, 32.0]  # 16 tokens x k=2
     assert [load.sum().item() for load in recorder.end_step().values()] == [32.0, 32.0, 32.0]
     assert len(recorder.loss_terms["aux_loss"]) == 1 and recorder.summary()["moe/layer0/expert0_fraction"] >= 0
+
+
+# Two rows of 8: the first left-padded (6 real tokens), the second right-padded (5): 11 real tokens.
+MIXED_PADDING = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]])
+
+
+def _causal_4d(mask: torch.Tensor, additive: bool) -> torch.Tensor:
+    """The (batch, 1, seq, seq) mask transformers builds from a 2-D padding mask: boolean (sdpa) or additive float
+    (eager; 0 where attended)."""
+    seq = mask.shape[1]
+    allowed = torch.ones(seq, seq, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min) if additive else allowed
+
+
+MASK_FORMS = {
+    "positional": lambda model, ids: model(ids, MIXED_PADDING),
+    "4d_bool": lambda model, ids: model(input_ids=ids, attention_mask=_causal_4d(MIXED_PADDING, additive=False)),
+    "4d_additive": lambda model, ids: model(input_ids=ids, attention_mask=_causal_4d(MIXED_PADDING, additive=True)),
+    "per_layer_type_dict": lambda model, ids: model(
+        input_ids=ids, attention_mask={"full_attention": _causal_4d(MIXED_PADDING, additive=False)}),
+}
+
+
+@pytest.mark.parametrize("form", list(MASK_FORMS))
+def test_router_loads_count_real_tokens_whatever_form_the_mask_takes(form):
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model(router_jitter_noise=0.0)
+    recorder = RouterStatsRecorder(model)
+    ids = torch.randint(3, 97, (2, 8))
+    model(input_ids=ids, attention_mask=MIXED_PADDING)
+    keyword_2d = _load_sums(recorder)
+    assert keyword_2d == [22.0, 22.0, 22.0]  # 11 real tokens x k=2
+    recorder.reset()
+    MASK_FORMS[form](model, ids)
+    assert _load_sums(recorder) == keyword_2d
+
+
+def test_router_loads_of_generation_with_a_static_cache_count_real_tokens():
+    """`generate` with a static cache passes the per-layer-type dict of 4-D masks whose key columns are absolute
+    cache positions (wider than the tokens seen so far)."""
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model().eval()
+    recorder = RouterStatsRecorder(model, only_training=False)
+    ids = torch.randint(3, 97, (2, 8))
+    with torch.no_grad():
+        model.generate(input_ids=ids, attention_mask=MIXED_PADDING, max_new_tokens=3, do_sample=False,
+                       pad_token_id=0, cache_implementation="static")
+    # Prompt: 11 real tokens; then 2 decoding forwards (the 3rd token comes from the last) of 2 rows; k=2.
+    assert _load_sums(recorder) == [(11 + 2 * 2) * 2.0] * 3

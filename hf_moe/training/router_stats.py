@@ -1,11 +1,13 @@
 """Expert statistics read from the routers with forward hooks: load per expert, imbalance, MaxVio, entropy, drops,
 losses."""
 
+import inspect
 import re
 from collections import defaultdict
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from ..modeling.modeling_hf_moe import load_balancing_loss, router_z_loss
 from ..moe_layers import find_moe_layers
@@ -24,6 +26,57 @@ def forward_trains(module: nn.Module) -> bool:
     """Whether a forward of `module` trains: train mode with gradients. RL trainers (TRL's GRPO, online DPO) generate
     and score with the policy in train mode under `torch.no_grad()`; those forwards are not training."""
     return module.training and torch.is_grad_enabled()
+
+
+def forward_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of `module` by name, positional ones bound to the names of its `forward` (so
+    `model(ids, mask)` gives `attention_mask` as `model(input_ids=ids, attention_mask=mask)` does)."""
+    if not args:
+        return kwargs
+    signature = inspect.signature(module.forward)
+    named = dict(kwargs)
+    for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+        if signature.parameters[name].kind is not inspect.Parameter.VAR_KEYWORD:  # its items are in `kwargs`
+            named[name] = value
+    return named
+
+
+def _one_mask(attention_mask):
+    """The mask itself, or of the per-layer-type dict `generate` may pass its full-attention mask, else its first."""
+    if isinstance(attention_mask, dict):
+        return attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+    return attention_mask
+
+
+def real_tokens(attention_mask, batch_size: int | None = None, past_seen_tokens: int | None = None
+                ) -> torch.Tensor | None:
+    """`(batch, columns)` bool: which tokens are real (not padding), from whatever attention mask a forward call got;
+    the last `seq` columns are the tokens of the call. None when the mask cannot tell (then every token counts).
+
+    - 2-D padding mask `(batch, past + seq)`: as it is.
+    - 4-D mask `(batch, heads, seq, kv)`, boolean (True attends) or additive float (0 attends), as transformers
+      builds it or a caller passes it: a token is real when it attends to itself. Padding is masked as a key for
+      every query, its own included; a padding query may still see earlier real tokens (right padding), so a row that
+      is not fully masked tells nothing. The token's own key column is `past_seen_tokens + i` (the cache's length
+      before the call; a static cache's columns are absolute positions, wider than the tokens seen), or `kv - seq + i`
+      without a cache or when the cache keeps a window. Packed sequences (block-diagonal masks) have no padding.
+    - The per-layer-type dict `generate` may pass (`{"full_attention": ..., "sliding_attention": ...}`): its full
+      attention mask, else its first.
+    - None, or a flex-attention BlockMask: None.
+    """
+    attention_mask = _one_mask(attention_mask)
+    if not isinstance(attention_mask, torch.Tensor):
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if attention_mask.dim() != 4:
+        return None
+    seq, kv = attention_mask.shape[-2:]
+    offset = past_seen_tokens if past_seen_tokens is not None and past_seen_tokens + seq <= kv else kv - seq
+    query = torch.arange(seq, device=attention_mask.device)
+    own_key = attention_mask[:, 0, query, query + offset]  # (batch or 1, seq)
+    real = own_key if own_key.dtype == torch.bool else own_key == 0
+    return real.expand(batch_size, seq) if batch_size is not None and real.shape[0] == 1 else real
 
 
 def max_violation(load: torch.Tensor) -> torch.Tensor:
@@ -82,16 +135,25 @@ class RouterStatsRecorder:
         return step_load
 
     def _record_attention_mask(self, module, args, kwargs) -> None:
-        self.attention_mask = kwargs.get("attention_mask")
+        arguments = forward_arguments(module, args, kwargs)
+        mask = _one_mask(arguments.get("attention_mask"))
+        batch_size = past_seen_tokens = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:  # its diagonal needs the cache length and the batch
+            inputs = next((arguments[name] for name in ("input_ids", "inputs_embeds")
+                           if isinstance(arguments.get(name), torch.Tensor)), None)
+            batch_size = None if inputs is None else inputs.shape[0]
+            cache = next((value for value in arguments.values() if isinstance(value, Cache)), None)
+            past_seen_tokens = None if cache is None else int(cache.get_seq_length())
+        self.attention_mask = real_tokens(mask, batch_size, past_seen_tokens)
 
     def _row_mask(self, rows: int) -> torch.Tensor | None:
         """(rows,) 1.0 for router rows of real tokens, 0.0 for padding; None when unknown (then every row counts).
 
-        Router rows are (batch * seq * sub-tokens) of the current call; a 2-D attention mask may also cover cached
-        tokens (generation), so only its last `seq` columns apply.
+        Router rows are (batch * seq * sub-tokens) of the current call; the real-token mask (`real_tokens`) may also
+        cover cached tokens (generation), so only its last `seq` columns apply.
         """
         mask = self.attention_mask
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or rows % (mask.shape[0] * self.num_subtokens):
+        if mask is None or rows % (mask.shape[0] * self.num_subtokens):
             return None
         seq = rows // (mask.shape[0] * self.num_subtokens)
         if seq > mask.shape[1]:
