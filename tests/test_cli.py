@@ -241,3 +241,48 @@ def test_every_document_a_help_text_names_exists_with_its_heading(monkeypatch, c
             checked += 1
     assert problems == []
     assert checked >= 3
+
+
+def _finetune_without_loading(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, list[str]]:
+    """Run `hf-moe finetune ARGV` in this process with the model and tokenizer loaders replaced by recorders that
+    fail: (exit status, stderr, what was loaded)."""
+    from transformers import AutoTokenizer
+
+    from hf_moe.recipes import finetune
+
+    loaded = []
+
+    def record(name):
+        def loader(*args, **kwargs):
+            loaded.append(name)
+            raise AssertionError(f"{name} ran")
+        return loader
+
+    monkeypatch.setattr(finetune, "load_for_finetuning", record("model"))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record("tokenizer"))
+    monkeypatch.setenv("HF_MOE_DEBUG", "")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["finetune", *argv, "--report_to", "none"])
+    return exit_info.value.code, capsys.readouterr().err, loaded
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.json", "missing-folder"])
+def test_finetune_with_a_missing_data_file_names_it_before_loading_anything(dense_with_tokenizer, tmp_path,
+                                                                            monkeypatch, capsys, name):
+    dataset = tmp_path / name
+    status, stderr, loaded = _finetune_without_loading(monkeypatch, capsys, [
+        str(dense_with_tokenizer), "--dataset", str(dataset), "--output_dir", str(tmp_path / "run")])
+    assert (status, loaded) == (2, [])
+    assert stderr.splitlines() == [
+        f"hf-moe finetune: error: `dataset`={str(dataset)!r}: no such file or folder; expected a .json or .jsonl "
+        "file of rows (instruction + response, or messages), a `datasets` folder, or a Hub dataset id (owner/name)"]
+
+
+def test_finetune_with_a_missing_model_folder_names_it_before_loading_anything(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "no-such-model"
+    status, stderr, loaded = _finetune_without_loading(monkeypatch, capsys, [
+        str(model), "--output_dir", str(tmp_path / "run")])
+    assert (status, loaded) == (2, [])
+    assert stderr.splitlines() == [
+        f"hf-moe finetune: error: `model_path`={str(model)!r}: no such folder; expected a model folder (config.json, "
+        "weights and tokenizer) or a Hub model id (owner/name)"]

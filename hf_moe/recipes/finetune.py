@@ -2,6 +2,7 @@
 resumable, the embedded task mixture by default."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,30 @@ class FinetuneArguments:
         if dataset is not None and dataset.suffix in (".json", ".jsonl") and dataset.is_file():
             check_json_rows(dataset)  # at parsing, so a malformed file is one line before any model loads
 
+    def check_paths(self, model: bool = True) -> None:
+        """Raise, naming the path and what is expected, if `dataset` (or, with `model`, `model_path`) is a local path
+        that does not exist or cannot be read. `build_trainer` runs it before anything loads (a model takes GBs and
+        minutes); a name that could be a Hub id is left to the Hub."""
+        if model and not Path(self.model_path).exists() and not _could_be_hub_id(self.model_path):
+            raise FileNotFoundError(f"`model_path`={self.model_path!r}: no such folder; expected a model folder "
+                                    "(config.json, weights and tokenizer) or a Hub model id (owner/name)")
+        if not self.dataset:
+            return
+        dataset = Path(self.dataset)
+        if not dataset.exists():
+            if dataset.suffix in (".json", ".jsonl") or not _could_be_hub_id(self.dataset):
+                raise FileNotFoundError(f"`dataset`={self.dataset!r}: no such file or folder; expected a .json or "
+                                        ".jsonl file of rows (instruction + response, or messages), a `datasets` "
+                                        "folder, or a Hub dataset id (owner/name)")
+        elif not os.access(dataset, os.R_OK):
+            raise PermissionError(f"`dataset`={self.dataset!r}: not readable by this user")
+
+
+def _could_be_hub_id(name: str) -> bool:
+    """Whether a path that does not exist here could name a Hub repo (`name` or `owner/name`), rather than be a
+    mistyped local path (`./data`, `/data/x`, `runs/a/b`)."""
+    return name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+
 
 @dataclass
 class FinetuneTrainingArguments(TrainingArguments):
@@ -104,6 +129,7 @@ def tokenized_splits(args: FinetuneArguments, tokenizer, seed: int = 0):
 def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, model=None, tokenizer=None,
                   extra_callbacks=()) -> Trainer:
     """A stock Trainer set up for MoE instruction tuning (also used by the tests)."""
+    args.check_paths(model=model is None or tokenizer is None)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(args.model_path)
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
