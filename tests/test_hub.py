@@ -2,7 +2,11 @@
 replaced at its network boundary by a recorder that materialises every commit into a folder."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -17,6 +21,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from hf_moe import check_folder, publish, upcycle
 from hf_moe.cli import main as cli_main
 from hf_moe.hub import FolderCheckError, merge_eval_results
+from hf_moe.hub.card import with_model_id
 from hf_moe.recipes import build_trainer, run_finetune
 from hf_moe.remote_check import load_as_remote_code
 
@@ -129,6 +134,32 @@ def test_upcycled_card_metadata(upcycled):
     assert json.loads((upcycled / "config.json").read_text())["base_model"] == "acme/tiny-llama"
     for row in ("experts per sparse layer | 4, top-2", "sparse layers | 2 of 2", "active per token", "capacity"):
         assert row in card.text
+
+
+
+def _snippet_without_hf_moe(folder: Path) -> str:
+    """The card's first code block under "## Use": how to load the model with transformers alone."""
+    use = ModelCard.load(folder / "README.md").text.split("## Use", 1)[1]
+    return use.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_card_snippet_without_hf_moe_trusts_remote_code_in_every_from_pretrained(upcycled):
+    calls = re.findall(r"(\w+)\.from_pretrained\(([^)]*)\)", _snippet_without_hf_moe(upcycled))
+    assert calls == [("AutoTokenizer", "model_id, trust_remote_code=True"),
+                     ("AutoModelForCausalLM", "model_id, trust_remote_code=True")]
+
+
+def test_the_card_snippet_without_hf_moe_loads_the_remote_code_without_a_prompt(upcycled, tmp_path):
+    # A terminal would show transformers' "run the custom code? [y/N]" prompt and wait 15 s; closed stdin shows the
+    # prompt text too, then reads no answer.
+    snippet = with_model_id(_snippet_without_hf_moe(upcycled), str(upcycled))
+    probe = snippet + "print(type(model).__module__.split('.')[0], 'hf_moe' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + probe], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "custom code" not in result.stdout + result.stderr
+    assert result.stdout.splitlines()[-1] == "transformers_modules False"  # the shipped code, not hf_moe
 
 
 def test_upcycle_then_publish_uploads_exactly_the_allow_list(upcycled, fake_hub, tmp_path):
