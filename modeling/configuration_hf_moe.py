@@ -125,6 +125,8 @@ class MoeConfig(PreTrainedConfig):
         router_sequence_aux_loss_coef (`float`, defaults to 0.0): weight of the sequence-wise balance loss of
             DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2, eqs. 17-20): `E * sum_e f_e * P_e` computed within each
             sequence and averaged over the sequences, which keeps single sequences from piling onto few experts.
+            A sequence is a document: a row of the batch, or in a padding-free packed row each run of `position_ids`
+            from 0.
             DeepSeek-V3 pairs a tiny weight (1e-4) with the selection bias below; 0 turns it off.
         output_router_logits (`bool`, defaults to `False`): return the per-layer router logits.
 

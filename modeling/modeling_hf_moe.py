@@ -464,35 +464,58 @@ def load_balancing_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, att
     return torch.stack(losses).mean()
 
 
+def _document_index(batch_size: int, seq_len: int, position_ids, device) -> torch.Tensor:
+    """(batch * seq,) long: the document of each token of the call, numbered 0, 1, ... over the batch.
+
+    Every row starts a document; within a row a new one starts wherever `position_ids` do not continue by 1, as
+    padding-free packing (`DataCollatorWithFlattening`, TRL's `padding_free`) restarts them at 0 and as transformers
+    separates packed sequences in attention (`masking_utils.find_packed_sequence_indices`).
+    """
+    starts = torch.zeros(batch_size, seq_len, dtype=torch.bool, device=device)
+    starts[:, 0] = True
+    if (isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == seq_len
+            and position_ids.shape[0] in (1, batch_size)):
+        positions = position_ids.to(device).expand(batch_size, seq_len)
+        starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
+    return starts.reshape(-1).long().cumsum(0) - 1
+
+
 def sequence_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, batch_size: int, attention_mask=None,
-                          num_subtokens: int = 1, selection_biases: tuple[torch.Tensor | None, ...] | None = None
-                          ) -> torch.Tensor:
+                          num_subtokens: int = 1, selection_biases: tuple[torch.Tensor | None, ...] | None = None,
+                          position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sequence-wise balance loss, DeepSeek-V3 (arXiv 2412.19437) eqs. 17-20: `E * sum_e f_e * P_e` within each
     sequence (f_e: the share of the sequence's assignments that chose e, bias included; P_e: its mean normalised
     affinity, here the softmax probability), averaged over the sequences and layers. 1 under uniform routing.
 
-    Rows are `(batch_size * seq * num_subtokens)` in sequence order; padding (attention mask 0) is excluded and a
-    sequence without real tokens does not count.
+    Rows are `(batch_size * seq * num_subtokens)` in token order. A sequence is a document: each row of the batch,
+    split further wherever its `position_ids (batch or 1, seq)` do not continue by 1 (a padding-free packed row holds
+    several documents, see `_document_index`). Padding (attention mask 0) is excluded and a document without real
+    tokens does not count.
     """
     if not router_logits:
         return torch.zeros(())
     losses = []
     for layer, logits in enumerate(router_logits):
         probs = logits.float().softmax(dim=-1)  # (rows, E)
-        num_experts = probs.shape[-1]
+        num_rows, num_experts = probs.shape
+        seq_len = num_rows // (batch_size * num_subtokens)
         chosen = _choice_counts(logits, top_k, selection_biases, layer)  # (rows, E)
-        row_mask = _router_row_mask(attention_mask, probs.shape[0], num_subtokens, probs.device)
+        row_mask = _router_row_mask(attention_mask, num_rows, num_subtokens, probs.device)
         if row_mask is None:
-            row_mask = probs.new_ones(probs.shape[0])
-        row_mask = row_mask.reshape(batch_size, -1, 1)  # (batch, seq * subtokens, 1)
-        rows_per_sequence = row_mask.sum(1)  # (batch, 1)
-        fraction = (chosen.reshape(batch_size, -1, num_experts) * row_mask).sum(1) / (
-            top_k * rows_per_sequence.clamp(min=1))  # (batch, E)
-        mean_probability = (probs.reshape(batch_size, -1, num_experts) * row_mask).sum(1) / rows_per_sequence.clamp(
-            min=1)  # (batch, E)
-        per_sequence = num_experts * (fraction * mean_probability).sum(-1)  # (batch,)
-        real = (rows_per_sequence.squeeze(-1) > 0).float()
-        losses.append((per_sequence * real).sum() / real.sum().clamp(min=1))
+            row_mask = probs.new_ones(num_rows)
+        # (rows,): a token's sub-tokens share its document
+        document = _document_index(batch_size, seq_len, position_ids, probs.device).repeat_interleave(num_subtokens)
+        num_documents = batch_size * seq_len  # at most one per token: a static size, no host sync
+        real_rows = row_mask[:, None]  # (rows, 1)
+        rows_per_document = probs.new_zeros(num_documents).index_add(0, document, row_mask)  # (documents,)
+        denominator = rows_per_document.clamp(min=1)[:, None]
+        fraction = probs.new_zeros(num_documents, num_experts).index_add(0, document, chosen * real_rows) / (
+            top_k * denominator)  # (documents, E)
+        mean_probability = probs.new_zeros(num_documents, num_experts).index_add(
+            0, document, probs * real_rows) / denominator  # (documents, E)
+        per_document = num_experts * (fraction * mean_probability).sum(-1)  # (documents,)
+        real = (rows_per_document > 0).float()
+        losses.append((per_document * real).sum() / real.sum().clamp(min=1))
     return torch.stack(losses).mean()
 
 
@@ -1173,7 +1196,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
             if config.router_sequence_aux_loss_coef > 0:
                 sequence_aux_loss = sequence_balance_loss(
                     router_logits, config.num_experts_per_tok, outputs.last_hidden_state.shape[0], attention_mask,
-                    config.num_subtokens, biases).to(logits.device)
+                    config.num_subtokens, biases, position_ids).to(logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
             aux_terms = config.router_z_loss_coef * z_loss

@@ -196,6 +196,51 @@ def test_losses_repeat_the_padding_mask_per_mh_moe_head():
     assert load_balancing_loss((logits,), 1, mask, num_subtokens=2).item() == pytest.approx(expected.item())
 
 
+def _two_documents(model_type):
+    """Two documents (7 and 4 tokens) packed padding-free into one row, and the same two as right-padded rows."""
+    first, second = torch.randint(3, 97, (7,)), torch.randint(3, 97, (4,))
+    packed = dict(input_ids=torch.cat([first, second])[None],
+                  position_ids=torch.cat([torch.arange(7), torch.arange(4)])[None])  # as DataCollatorWithFlattening
+    padded_ids = torch.zeros(2, 7, dtype=torch.long)
+    padded_ids[0], padded_ids[1, :4] = first, second
+    padded = dict(input_ids=padded_ids, attention_mask=(torch.arange(7) < torch.tensor([[7], [4]])).long())
+    return packed, padded
+
+
+@pytest.mark.parametrize("model_type", ["hf_moe", "hf_mh_moe"])
+def test_sequence_balance_loss_counts_each_packed_document_as_a_sequence(model_type):
+    """DeepSeek-V3 balances within each sequence: a padding-free row of two documents is two sequences."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type, router_sequence_aux_loss_coef=0.1, router_jitter_noise=0.0,
+                         initializer_range=0.2)  # peaked routing: per-document loads differ clearly
+    model = AutoModelForCausalLM.from_config(config).train()
+    packed, padded = _two_documents(model_type)
+    # use_cache=False: the attention separates packed documents only without a cache (transformers' masking rule)
+    in_one_row = model(**packed, labels=packed["input_ids"], use_cache=False)
+    in_two_rows = model(**padded, labels=padded["input_ids"], use_cache=False)
+    assert (in_one_row.logits[0, 7:] - in_two_rows.logits[1, :4]).abs().max().item() < 1e-5  # the same routing
+    assert in_one_row.sequence_aux_loss.item() == pytest.approx(in_two_rows.sequence_aux_loss.item(), abs=1e-6)
+    as_one_sequence = model(input_ids=packed["input_ids"], labels=packed["input_ids"], use_cache=False)
+    assert abs(as_one_sequence.sequence_aux_loss.item() - in_two_rows.sequence_aux_loss.item()) > 1e-3
+
+
+def test_sequence_balance_loss_splits_rows_where_the_position_ids_restart():
+    """The loss function itself: documents start where `position_ids` do not continue by 1 (transformers' packed-
+    sequence rule), within rows; padding rows count for no document."""
+    from hf_moe import sequence_balance_loss
+
+    logits = torch.randn(11, 4) * 2  # documents of 7 and 4 tokens
+    position_ids = torch.cat([torch.arange(7), torch.arange(4)])[None]
+    packed = sequence_balance_loss((logits,), 2, 1, position_ids=position_ids)
+    padded_logits = torch.cat([logits[:7], logits[7:], torch.randn(3, 4) * 5])  # (2 * 7, 4), 3 padding rows
+    mask = (torch.arange(7) < torch.tensor([[7], [4]])).long()
+    padded = sequence_balance_loss((padded_logits,), 2, 2, mask)
+    each = [sequence_balance_loss((logits[:7],), 2, 1), sequence_balance_loss((logits[7:],), 2, 1)]
+    assert packed.item() == pytest.approx(padded.item(), abs=1e-6)
+    assert packed.item() == pytest.approx((each[0] + each[1]).item() / 2, abs=1e-6)
+
+
 def test_router_z_loss_value():
     logits = torch.zeros(5, 8)
     assert router_z_loss((logits,)).item() == pytest.approx(math.log(8) ** 2)

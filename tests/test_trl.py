@@ -116,3 +116,53 @@ def test_dpo_adds_the_models_aux_terms_and_trains_padded_mh_moe(tmp_path):
     trainer.train()
     assert {"aux_loss", "z_loss"} <= set(trainer.state.log_history[0])
     assert model.config.output_router_logits is False
+
+
+def test_sft_padding_free_sequence_loss_counts_each_document(tmp_path):
+    """A padding-free batch is one row with `position_ids` restarting per document and no attention mask: the
+    sequence-wise term counts each document, as the padded batch of the same documents does."""
+    tokenizer = byte_tokenizer()
+    # Peaked routing (wide init): the documents' loads differ clearly from the packed row's.
+    config = tiny_config("hf_moe", vocab_size=len(tokenizer), router_jitter_noise=0.0, num_hidden_layers=2,
+                         router_sequence_aux_loss_coef=0.5, initializer_range=0.2)
+    model = AutoModelForCausalLM.from_config(config)
+    trainers = {}
+    for name, options in (("padded", {}), ("free", dict(padding_free=True, max_length=None))):
+        copy = AutoModelForCausalLM.from_config(config)
+        copy.load_state_dict(model.state_dict())
+        trainers[name] = MoeSFTTrainer(model=copy, args=_sft_args(tmp_path, **options), processing_class=tokenizer,
+                                       train_dataset=Dataset.from_dict({"text": TEXTS}))
+    padded = _padded_batch(trainers["padded"])
+    free = dict(next(iter(trainers["free"].get_train_dataloader())))
+    assert "attention_mask" not in free and free["input_ids"].shape[0] == 1
+    assert int((free["position_ids"] == 0).sum()) == padded["input_ids"].shape[0] == 4  # the same four documents
+    sequence = {}
+    for name, batch in (("padded", padded), ("free", free)):
+        trainer = trainers[name]
+        trainer.model.train()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, dict(batch))
+        sequence[name] = trainer._metrics["train"]["sequence_aux_loss"][-1]
+    assert sequence["free"] == pytest.approx(sequence["padded"], abs=1e-5)
+    with torch.no_grad():
+        own = trainers["free"].model(input_ids=free["input_ids"], position_ids=free["position_ids"], use_cache=False,
+                                     output_router_logits=True)
+    import hf_moe
+
+    one_sequence = hf_moe.sequence_balance_loss(own.router_logits, 2, 1)  # the packed row taken as one sequence
+    assert abs(one_sequence.item() - sequence["padded"]) > 1e-3
+
+
+def test_sft_sequence_loss_counts_the_rows_of_a_batch_without_attention_mask(tmp_path):
+    tokenizer = byte_tokenizer()
+    config = tiny_config("hf_moe", vocab_size=len(tokenizer), router_jitter_noise=0.0, num_hidden_layers=2,
+                         router_sequence_aux_loss_coef=0.5, initializer_range=0.2)
+    trainer = MoeSFTTrainer(model=AutoModelForCausalLM.from_config(config), args=_sft_args(tmp_path),
+                            processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": TEXTS}))
+    ids = torch.randint(5, len(tokenizer), (4, 12))  # four equal-length rows, position ids and no mask
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12).expand(4, 12)}
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, dict(batch))
+        own = trainer.model(**batch)
+    assert trainer._metrics["train"]["sequence_aux_loss"][-1] == pytest.approx(own.sequence_aux_loss.item(), abs=1e-6)

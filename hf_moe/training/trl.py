@@ -39,16 +39,22 @@ from ..moe_layers import find_moe_layers, selection_bias
 
 
 class _FirstForwardRouterLogits:
-    """Router logits (with gradient) and attention mask of the first forward call of `model` while active."""
+    """Router logits (with gradient), attention mask, position ids and batch size of the first forward call of
+    `model` while active."""
 
     def __init__(self):
-        self.logits, self.attention_mask, self.done = [], None, False
+        self.logits, self.attention_mask, self.position_ids, self.batch_size = [], None, None, None
+        self.done = False
 
     @contextmanager
     def capture(self, model: nn.Module):
         def before(module, args, kwargs):
             if not self.done:
                 self.attention_mask = kwargs.get("attention_mask")
+                self.position_ids = kwargs.get("position_ids")  # padding-free batches delimit documents by them
+                inputs = kwargs.get("input_ids", args[0] if args else None)
+                inputs = kwargs.get("inputs_embeds") if inputs is None else inputs
+                self.batch_size = inputs.shape[0] if isinstance(inputs, torch.Tensor) else None
 
         def after(module, args, kwargs, output):
             self.done = True
@@ -120,11 +126,10 @@ class _ModelAuxLossMixin:
                                       config.num_subtokens, selection_biases=biases)
             terms, logged["aux_loss"] = terms + self.moe_aux_coef * aux, aux
         if self.moe_sequence_coef > 0 and logits:
-            # Sequences are the rows of the batch (a padding-free packed batch is one row: one sequence).
-            mask = routed.attention_mask
-            batch_size = mask.shape[0] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else 1
-            sequence = sequence_balance_loss(logits, config.num_experts_per_tok, batch_size, mask,
-                                             config.num_subtokens, biases)
+            # Sequences are documents, as the model's forward counts them: the rows of the batch, and within a
+            # padding-free packed row (no attention mask) each run of position ids from 0.
+            sequence = sequence_balance_loss(logits, config.num_experts_per_tok, routed.batch_size,
+                                             routed.attention_mask, config.num_subtokens, biases, routed.position_ids)
             terms, logged["sequence_aux_loss"] = terms + self.moe_sequence_coef * sequence, sequence
         weight = 1.0
         if self.aux_weighted_by_token_share and "labels" in inputs:
