@@ -14,6 +14,8 @@ from hf_moe.training import ExpertStatsCallback, NonFiniteGuardCallback, add_moe
 from .conftest import tiny_config
 
 NUM_LAYERS, NUM_EXPERTS = 4, 8
+PER_LAYER_METRICS = ("z_loss", "imbalance_max_over_mean", "max_vio", "imbalance_cv", "router_entropy",
+                     "dropped_fraction", "expert_activation_rate")  # and expert<e>_fraction
 SUMMARY_KEYS = {"moe/aux_loss", "moe/z_loss", "moe/model_aux_loss", "moe/imbalance_cv", "moe/router_entropy",
                 "moe/dropped_fraction", "moe/expert_activation_rate", "moe/max_vio", "moe/nonfinite_skipped_steps"}
 
@@ -66,7 +68,7 @@ def test_console_prints_the_moe_summary_while_log_history_and_tensorboard_get_ev
     assert len(logged) == 2
     per_layer = _per_layer_keys(logged[-1])
     # Every sparse layer's 8 metrics and 8 expert fractions: 64 keys the console leaves out.
-    assert len(per_layer) == NUM_LAYERS * (8 + NUM_EXPERTS)
+    assert len(per_layer) == NUM_LAYERS * (len(PER_LAYER_METRICS) + NUM_EXPERTS)
     assert f"moe/layer{NUM_LAYERS - 1}/expert{NUM_EXPERTS - 1}_fraction" in per_layer
     tensorboard = _tensorboard_scalar_tags(tmp_path)
     assert per_layer | SUMMARY_KEYS <= tensorboard, sorted(per_layer | SUMMARY_KEYS - tensorboard)[:5]
@@ -85,7 +87,7 @@ def test_callbacks_passed_to_the_trainer_warn_once_that_report_to_loggers_miss_t
     assert all("tensorboard" in message for message in warnings)
     # The keys still reach log_history, and the console stays readable.
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(_per_layer_keys(logged[-1])) == NUM_LAYERS * (8 + NUM_EXPERTS)
+    assert len(_per_layer_keys(logged[-1])) == NUM_LAYERS * (len(PER_LAYER_METRICS) + NUM_EXPERTS)
     assert "moe/nonfinite_skipped_steps" in logged[-1]
     printed = _printed_training_logs(capsys.readouterr().out)
     assert printed and all(_per_layer_keys(line) == set() and SUMMARY_KEYS <= line.keys() for line in printed)
@@ -97,4 +99,4 @@ def test_callbacks_passed_to_the_trainer_do_not_warn_without_report_to_loggers(t
         trainer.train()
     assert "add_moe_callbacks" not in caplog.text
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(_per_layer_keys(logged[-1])) == NUM_LAYERS * (8 + NUM_EXPERTS)
+    assert len(_per_layer_keys(logged[-1])) == NUM_LAYERS * (len(PER_LAYER_METRICS) + NUM_EXPERTS)

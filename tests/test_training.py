@@ -37,7 +37,7 @@ def test_expert_statistics_reach_log_history_and_tensorboard(tiny_upcycled, tmp_
     assert len(logged) == 2
     for key in ("moe/aux_loss", "moe/z_loss", "moe/model_lm_loss", "moe/model_aux_loss", "moe/model_z_loss",
                 "moe/imbalance_max_over_mean", "moe/imbalance_cv", "moe/router_entropy", "moe/dropped_fraction",
-                "moe/expert_activation_rate", "moe/layer0/expert3_fraction", "moe/layer1/aux_loss",
+                "moe/expert_activation_rate", "moe/layer0/expert3_fraction", "moe/layer1/z_loss",
                 "moe/nonfinite_skipped_steps"):
         assert key in logged[-1], key
     fractions = [logged[-1][f"moe/layer0/expert{e}_fraction"] for e in range(4)]
@@ -276,7 +276,7 @@ def test_router_stats_count_mh_moe_subtokens_and_switch_drops():
     summary = recorder.summary()
     # Each token's 2 sub-tokens pick 2 experts each out of 4: between 2 and 4 distinct experts per token.
     assert 2.0 <= summary["moe/distinct_experts_per_token"] <= 4.0
-    assert summary["moe/layer0/aux_loss"] > 0 and summary["moe/dropped_fraction"] == 0.0
+    assert summary["moe/aux_loss"] > 0 and summary["moe/dropped_fraction"] == 0.0
     layers, matrix = recorder.load_matrix()
     assert matrix.shape == (3, 4) and torch.allclose(matrix.sum(1), torch.ones(3))
 
@@ -414,3 +414,73 @@ def test_router_loads_of_generation_with_a_static_cache_count_real_tokens():
                        pad_token_id=0, cache_implementation="static")
     # Prompt: 11 real tokens; then 2 decoding forwards (the 3rd token comes from the last) of 2 rows; k=2.
     assert _load_sums(recorder) == [(11 + 2 * 2) * 2.0] * 3
+
+
+def _biased_padded_forward(model, recorder):
+    """One training forward with padding (MIXED_PADDING) and every router biased towards expert 0."""
+    from hf_moe.moe_layers import find_moe_layers, selection_bias
+
+    for layer in find_moe_layers(model):
+        selection_bias(model, layer).copy_(torch.tensor([5.0, 0.0, 0.0, 0.0]))
+    ids = torch.randint(3, 97, (2, 8))
+    return model(input_ids=ids, attention_mask=MIXED_PADDING, labels=ids.masked_fill(MIXED_PADDING == 0, -100))
+
+
+def test_logged_aux_loss_is_the_models_with_a_selection_bias_and_padding():
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model(router_bias_update_rate=1e-3, initializer_range=0.5)  # far from uniform routing
+    recorder = RouterStatsRecorder(model)
+    output = _biased_padded_forward(model, recorder)
+    assert recorder.summary()["moe/aux_loss"] == pytest.approx(output.aux_loss.item(), abs=1e-6)
+
+
+def test_logged_z_loss_is_the_models_with_padding():
+    from hf_moe.training import RouterStatsRecorder
+
+    model = _train_mode_model(router_bias_update_rate=1e-3, initializer_range=0.5)  # far from uniform routing
+    recorder = RouterStatsRecorder(model)
+    output = _biased_padded_forward(model, recorder)
+    assert recorder.summary()["moe/z_loss"] == pytest.approx(output.z_loss.item(), abs=1e-6)
+
+
+def test_logged_aux_loss_of_a_builtin_family_is_its_outputs_aux_loss():
+    from hf_moe.training import RouterStatsRecorder
+
+    from .test_builtin_moe import FAMILIES
+
+    model = AutoModelForCausalLM.from_config(FAMILIES["mixtral"]()).train()
+    recorder = RouterStatsRecorder(model)
+    ids = torch.randint(3, 64, (2, 8))
+    output = model(input_ids=ids, attention_mask=MIXED_PADDING, labels=ids, output_router_logits=True)
+    assert recorder.summary()["moe/aux_loss"] == pytest.approx(output.aux_loss.item(), abs=1e-6)
+
+
+def test_logged_aux_loss_under_trl_is_the_aux_loss_trl_adds(tmp_path):
+    """TRL's fused LM head returns no aux_loss; MoeSFTTrainer adds (and logs) the model's, bias and padding included."""
+    import trl
+    from datasets import Dataset
+
+    from hf_moe.moe_layers import find_moe_layers, selection_bias
+    from hf_moe.training import ExpertStatsCallback, add_moe_callbacks
+    from hf_moe.training.trl import MoeSFTTrainer
+
+    from .conftest import tiny_config
+
+    tokenizer = byte_tokenizer()
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=len(tokenizer), num_hidden_layers=2,
+                                                         router_bias_update_rate=1e-3, router_jitter_noise=0.0))
+    for layer in find_moe_layers(model):
+        selection_bias(model, layer).copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
+    texts = ["the cat sat on the mat", "a", "experts route tokens", "hi", "load balancing", "ok", "z", "mixture"]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                         max_length=64, seed=0)
+    trainer = add_moe_callbacks(MoeSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                              train_dataset=Dataset.from_dict({"text": texts})),
+                                ExpertStatsCallback(heatmap=False))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["moe/aux_loss"] == pytest.approx(entry["aux_loss"], abs=1e-6)

@@ -116,13 +116,14 @@ class _MoeLogCallback(TrainerCallback):
 class ExpertStatsCallback(_MoeLogCallback):
     """Logs MoE statistics at every logging step into `state.log_history` and every `report_to` logger.
 
-    Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the model's LM loss, load-balancing
-    loss and z-loss (`moe/model_lm_loss`, `moe/model_aux_loss`, `moe/model_z_loss`, and `moe/model_sequence_aux_loss`
-    when the model has that term), the router's own aux and z-loss, the fraction of assignments per expert, imbalance
-    (max/mean and coefficient of variation), MaxVio (`max_vio`: max load / mean load - 1 of each optimizer step's
-    global batch, averaged over the steps since the last log), router entropy, dropped fraction (capacity), expert
-    activation rate and, for MH-MoE, distinct experts per token. Loads count real tokens, not padding. At every save
-    and evaluation a per-layer x per-expert load heatmap (PNG) is written to the output folder and, with TensorBoard,
+    The model's LM loss, load-balancing loss and z-loss (`moe/model_lm_loss`, `moe/model_aux_loss`, `moe/model_z_loss`,
+    and `moe/model_sequence_aux_loss` when the model has that term) and `moe/aux_loss`, the model's load-balancing loss
+    (see `RouterStatsRecorder`). Per sparse layer and averaged over layers (`moe/...` and `moe/layer<i>/...`): the
+    z-loss, the fraction of assignments per expert, imbalance (max/mean and coefficient of variation), MaxVio
+    (`max_vio`: max load / mean load - 1 of each optimizer step's global batch, averaged over the steps since the last
+    log), router entropy, dropped fraction (capacity), expert activation rate and, for MH-MoE, distinct experts per
+    token. Only forwards that train count; loads, entropy and z-loss count real tokens, not padding. At every save and
+    evaluation a per-layer x per-expert load heatmap (PNG) is written to the output folder and, with TensorBoard,
     logged as an image.
 
     Example:
@@ -185,8 +186,7 @@ class ExpertStatsCallback(_MoeLogCallback):
         return path
 
 
-_SUMMED_TOTALS = ("calls", "rows", "assignments", "dropped", "entropy", "aux_loss", "z_loss", "distinct_experts",
-                  "tokens")
+_SUMMED_TOTALS = ("calls", "rows", "assignments", "dropped", "entropy", "z_loss", "distinct_experts", "tokens")
 
 
 def sum_router_stats_over_processes(recorder: RouterStatsRecorder) -> None:

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from ..modeling.modeling_hf_moe import load_balancing_loss, router_z_loss
-from ..moe_layers import find_moe_layers
+from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, load_balancing_loss
+from ..moe_layers import find_moe_layers, model_type
 
 
 def is_per_layer_key(key: str) -> bool:
@@ -90,8 +90,12 @@ class RouterStatsRecorder:
     """Accumulates per-layer routing statistics from the routers' outputs until `summary()` is read.
 
     Recorded per sparse layer: router rows (tokens, or sub-tokens for MH-MoE), assignments per expert, dropped
-    assignments (capacity), summed router entropy, the load-balancing loss and z-loss of each forward call, and the
-    number of distinct experts the sub-tokens of one token reach (MH-MoE). With `only_training` (the default) only
+    assignments (capacity), summed router entropy, the z-loss of each forward call, and the number of distinct experts
+    the sub-tokens of one token reach (MH-MoE). Recorded per forward call: the model's own loss terms (`LOSS_TERMS`)
+    from its output; the load-balancing loss is the model's, not recomputed per router, since the model's carries what
+    a recomputation would miss (the selection bias, the padding, global-batch counts, a family's own formula). Under
+    TRL's fused LM head, whose output has none, an hf_moe model's is its `load_balancing_loss` over the routers'
+    outputs of the call (what `MoeSFTTrainer` adds). With `only_training` (the default) only
     forwards that train count: train mode with gradients (`forward_trains`). Work per forward call is a handful of
     reductions on the (tokens, E) router output, done without gradient. The load (assignments per expert) and the
     dropped assignments count the tokens the attention mask marks real: padding does not load an expert.
@@ -109,6 +113,9 @@ class RouterStatsRecorder:
         self.loads_only = loads_only
         self.num_subtokens = getattr(getattr(model, "config", None), "num_subtokens", 1)
         self.attention_mask = None
+        # An hf_moe model's load-balancing loss per router of the current call, for an output without aux_loss.
+        self.computes_model_aux_loss = not loads_only and model_type(model) in SPARSE_BLOCKS
+        self.call_aux_losses: list[torch.Tensor] = []
         self.handles = [layer.router.register_forward_hook(self._hook(layer.index, layer.top_k))
                         for layer in self.layers]
         # The attention mask of the current forward call: which router rows are padding.
@@ -145,6 +152,7 @@ class RouterStatsRecorder:
             cache = next((value for value in arguments.values() if isinstance(value, Cache)), None)
             past_seen_tokens = None if cache is None else int(cache.get_seq_length())
         self.attention_mask = real_tokens(mask, batch_size, past_seen_tokens)
+        self.call_aux_losses = []
 
     def _row_mask(self, rows: int) -> torch.Tensor | None:
         """(rows,) 1.0 for router rows of real tokens, 0.0 for padding; None when unknown (then every row counts).
@@ -166,12 +174,16 @@ class RouterStatsRecorder:
         self.handles = []
 
     def _record_loss_terms(self, module, inputs, outputs) -> None:
+        call_aux_losses, self.call_aux_losses = self.call_aux_losses, []
         if self.only_training and not forward_trains(module):
             return
         for key in LOSS_TERMS:
             value = getattr(outputs, key, None)
             if isinstance(value, torch.Tensor):
                 self.loss_terms[key].append(value.detach().float().item())
+        if not isinstance(getattr(outputs, "aux_loss", None), torch.Tensor) and call_aux_losses:
+            # The model's `load_balancing_loss` averages its layers' terms.
+            self.loss_terms["aux_loss"].append(torch.stack(call_aux_losses).mean().item())
 
     def _hook(self, layer: int, top_k: int):
         def record(module, inputs, outputs):
@@ -179,7 +191,7 @@ class RouterStatsRecorder:
                 return
             with torch.no_grad():
                 if isinstance(outputs, tuple) and len(outputs) >= 3:  # (logits, top-k weights, top-k index)
-                    self._record(layer, *outputs[:3])
+                    self._record(layer, *outputs[:3], getattr(module, "e_score_correction_bias", None))
                 else:  # a router returning only its logits: assignments are the top-k of the logits
                     logits = outputs[0] if isinstance(outputs, tuple) else outputs
                     weights, index = logits.float().softmax(-1).topk(top_k, dim=-1)
@@ -187,14 +199,15 @@ class RouterStatsRecorder:
 
         return record
 
-    def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
+    def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                selection_bias: torch.Tensor | None = None) -> None:
         if index.dtype == torch.bool:  # an expert-choice router: (rows, E) which experts took each row
             self._record_expert_choice(layer, logits, index)
             return
         rows, top_k = index.shape
         row_mask = self._row_mask(rows)
-        counted = (torch.ones(rows, device=index.device) if row_mask is None else row_mask.to(index.device))
-        counted = counted.repeat_interleave(top_k)  # (rows * k,) one per assignment
+        real_rows = torch.ones(rows, device=index.device) if row_mask is None else row_mask.to(index.device)
+        counted = real_rows.repeat_interleave(top_k)  # (rows * k,) one per assignment
         load = torch.zeros(self.num_experts[layer], device=index.device).index_add_(0, index.reshape(-1), counted)
         self._add_load(layer, load)
         if self.loads_only:
@@ -202,8 +215,10 @@ class RouterStatsRecorder:
         totals = self.totals[layer]
         totals["assignments"] += counted.sum().item()
         totals["dropped"] += ((weights.reshape(-1) == 0).float() * counted).sum().item()
-        totals["aux_loss"] += load_balancing_loss((logits,), top_k).item()
-        self._record_router_terms(totals, logits, rows)
+        self._record_router_terms(totals, logits, real_rows)
+        if self.computes_model_aux_loss:
+            self.call_aux_losses.append(load_balancing_loss((logits,), top_k, self.attention_mask, self.num_subtokens,
+                                                            selection_biases=(selection_bias,)))
         if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
             per_token = index.reshape(rows // self.num_subtokens, -1).sort(dim=-1).values  # (tokens, h * k)
             distinct = 1 + (per_token[:, 1:] != per_token[:, :-1]).sum(-1)
@@ -217,12 +232,18 @@ class RouterStatsRecorder:
             self.loads[layer] += load
             self.cumulative_load[layer] += load
 
-    def _record_router_terms(self, totals, logits: torch.Tensor, rows: int) -> None:
-        probs = logits.float().softmax(-1)
+    def _record_router_terms(self, totals, logits: torch.Tensor, real_rows: torch.Tensor) -> None:
+        """Entropy and z-loss over the real rows (`real_rows`: (rows,) 1.0 real, 0.0 padding); the z-loss is then
+        the model's term of the layer (ST-MoE eq. 5, padding excluded, as `router_z_loss`)."""
+        probs = logits.float().softmax(-1)  # (rows, E)
+        entropy = -(probs * probs.clamp(min=1e-20).log()).sum(-1)  # (rows,)
+        squared_log_z = torch.logsumexp(logits.float(), dim=-1).square()  # (rows,)
+        count, entropy_sum, squared_log_z_sum = torch.stack([  # one device-to-host copy for the three sums
+            real_rows.sum(), (entropy * real_rows).sum(), (squared_log_z * real_rows).sum()]).tolist()
         totals["calls"] += 1
-        totals["rows"] += rows
-        totals["entropy"] += -(probs * probs.clamp(min=1e-20).log()).sum(-1).sum().item()
-        totals["z_loss"] += router_z_loss((logits,)).item()
+        totals["rows"] += count  # real rows
+        totals["entropy"] += entropy_sum
+        totals["z_loss"] += squared_log_z_sum / max(count, 1.0)
 
     def _record_expert_choice(self, layer: int, logits: torch.Tensor, selected: torch.Tensor) -> None:
         """Expert choice: the load is what each expert took; a row's expert count varies (mean and spread kept)."""
@@ -234,7 +255,7 @@ class RouterStatsRecorder:
         if self.loads_only:
             return
         totals = self.totals[layer]
-        self._record_router_terms(totals, logits, rows)
+        self._record_router_terms(totals, logits, counted)
         experts_per_row = taken.sum(-1)[counted > 0]  # (real rows,)
         assignments, squares, unrouted = torch.stack([  # one device-to-host copy for the three sums
             experts_per_row.sum(), experts_per_row.square().sum(), (experts_per_row == 0).sum()]).tolist()
@@ -271,12 +292,10 @@ class RouterStatsRecorder:
                 "max_vio": (max_violation(torch.stack(step_loads)).mean() if step_loads
                             else max_violation(load)).item(),
                 "imbalance_cv": (fraction.std(unbiased=False) / fraction.mean()).item(),
-                "router_entropy": totals["entropy"] / totals["rows"],
+                "router_entropy": totals["entropy"] / max(totals["rows"], 1),
                 "dropped_fraction": totals["dropped"] / max(totals["assignments"], 1),
                 "expert_activation_rate": (load > 0).float().mean().item(),
             }
-            if "aux_loss" in totals:  # token choice only: expert choice has no load-balancing loss
-                values["aux_loss"] = totals["aux_loss"] / totals["calls"]
             if totals["tokens"]:
                 values["distinct_experts_per_token"] = totals["distinct_experts"] / totals["tokens"]
             if totals["real_rows"]:  # expert choice: experts per token (MH-MoE: per sub-token), mean and spread
@@ -293,7 +312,9 @@ class RouterStatsRecorder:
                     metrics[f"moe/layer{layer}/expert{expert}_fraction"] = value
         for key, values in averages.items():
             metrics[f"moe/{key}"] = sum(values) / len(values)
-        # What the model added to the loss (its aux_loss averages the layers the same way as moe/aux_loss).
+        # The model's own loss terms, averaged over the forward calls (before their coefficients).
         for key, values in self.loss_terms.items():
             metrics[f"moe/model_{key}"] = sum(values) / len(values)
+        if "moe/model_aux_loss" in metrics:  # the load-balancing loss is the model's (none for expert choice)
+            metrics["moe/aux_loss"] = metrics["moe/model_aux_loss"]
         return metrics
