@@ -190,6 +190,54 @@ def test_bias_update_equals_the_rule_recomputed_from_router_logits(family, tmp_p
         assert logged[f"moe/layer{layer.index}/max_vio"] == pytest.approx(sum(per_step) / 4, abs=1e-6)
 
 
+class _NanGradientAtStep(TrainerCallback):
+    """Makes one gradient NaN during the given (1-based) optimizer step, so the non-finite guard skips it; keeps the
+    weights and the optimizer's step counts after every step (add it last: it runs after the other callbacks)."""
+
+    def __init__(self, model, step: int):
+        self.step, self.active, self.weights, self.optimizer_steps = step, False, [], []
+        model.model.norm.weight.register_hook(lambda grad: grad * float("nan") if self.active else grad)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.active = state.global_step + 1 == self.step
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.active = False
+        self.weights.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        self.optimizer_steps.append(sorted({float(s["step"]) for s in optimizer.state_dict()["state"].values()}))
+
+
+@pytest.mark.parametrize("guard_first", [True, False], ids=["guard_first", "balancer_first"])
+def test_a_skipped_step_moves_no_bias_and_its_loads_do_not_carry_over(tmp_path, guard_first):
+    from hf_moe.training import NonFiniteGuardCallback
+
+    make_config, scores = CASES["hf_moe"]
+    model = AutoModelForCausalLM.from_config(make_config())
+    initial = _biases(model)
+    capture, poison = _StepLogits(model), _NanGradientAtStep(model, step=2)
+    guard, balancer = NonFiniteGuardCallback(), AuxLossFreeBalancingCallback(update_rate=0.05)
+    trainer = add_moe_callbacks(Trainer(model=model, args=_args(tmp_path), train_dataset=_padded_rows(16)),
+                                *((guard, balancer) if guard_first else (balancer, guard)))
+    trainer.add_callback(capture)
+    trainer.add_callback(poison)
+    trainer.train()
+
+    assert guard.skipped_steps == 1
+    # The skipped step (2) changed no weight, no optimizer step count and no bias ...
+    assert all(torch.equal(poison.weights[1][name], value) for name, value in poison.weights[0].items())
+    assert poison.optimizer_steps == [[1.0], [1.0], [2.0], [3.0]]
+    assert max((a - b).abs().max().item() for a, b in zip(capture.biases[1], capture.biases[0], strict=True)) == 0
+    # ... and the rule, run on the steps that were taken (the skipped step's loads left out), gives every bias.
+    taken = [[] if step == 1 else micro_batches for step, micro_batches in enumerate(capture.steps)]
+    expected, _ = _reference(taken, initial, 2, 0.05, scores)
+    for step, (got_step, want_step) in enumerate(zip(capture.biases, expected, strict=True)):
+        for layer, (got, want) in enumerate(zip(got_step, want_step, strict=True)):
+            assert torch.allclose(got, want, atol=1e-6), (step, layer, got, want)
+    # The step after it trained: weights and biases moved.
+    assert any(not torch.equal(poison.weights[2][name], value) for name, value in poison.weights[1].items())
+    assert any(not torch.equal(a, b) for a, b in zip(capture.biases[2], capture.biases[1], strict=True))
+
+
 def _bias_after_steps(tmp_path, batch: int, accumulation: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_bias_update_rate=0.05,

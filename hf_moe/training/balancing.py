@@ -17,6 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..moe_layers import SELECTION_BIAS, MoeLayer, find_moe_layers, model_type, selection_bias
+from .callbacks import optimizer_step_skipped
 from .router_stats import RouterStatsRecorder
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,12 @@ class SelectionBiasBalancer:
             bias.copy_((bias.float() + update.view_as(bias)).to(bias.dtype))
         return {layer.index: load for layer, load in zip(self.layers, global_loads, strict=True)}
 
+    def skip_step(self) -> None:
+        """End an optimizer step that was not taken (its gradients dropped): its loads are discarded and no bias
+        moves, so the step changes nothing. Every process skips alike (no collective)."""
+        if self.recorder is not None:
+            self.recorder.end_step()
+
     def remove(self) -> None:
         """Stop counting (remove the recorder's hooks)."""
         if self.recorder is not None:
@@ -121,7 +128,8 @@ class AuxLossFreeBalancingCallback(TrainerCallback):
     Works on any model whose routers carry a selection bias (`hf_moe.moe_layers` finds it): hf_moe models with
     `router_bias_update_rate` > 0, and transformers' families with `e_score_correction_bias`. `update_rate` (gamma)
     defaults to the model config's `router_bias_update_rate`, else 1e-3. Routers frozen before training keep their
-    bias. A model without any selection bias gets one warning naming its model type and nothing happens.
+    bias, and a step that [`NonFiniteGuardCallback`] skipped moves no bias (its loads are discarded). A model without
+    any selection bias gets one warning naming its model type and nothing happens.
 
     Example:
     ```python
@@ -147,7 +155,11 @@ class AuxLossFreeBalancingCallback(TrainerCallback):
                         "stay as they are", self.balancer.frozen_layers)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.balancer is not None:
+        if self.balancer is None:
+            return
+        if optimizer_step_skipped(state):  # NonFiniteGuardCallback dropped the step's gradients
+            self.balancer.skip_step()
+        else:
             self.balancer.step()
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -239,12 +239,30 @@ def _sum_step_loads_over_processes(recorder: RouterStatsRecorder, device: torch.
     recorder.step_history = [{layer: next(chunks) for layer in layers} for _ in recorder.step_history]
 
 
+# The TrainerState attribute in which NonFiniteGuardCallback marks whether it skipped the current optimizer step. The
+# state is the one object every callback event gets (callbacks are not handed each other); it is not a dataclass
+# field, so it is not saved with the checkpoint's trainer_state.json.
+_STEP_SKIPPED = "moe_optimizer_step_skipped"
+
+
+def optimizer_step_skipped(state) -> bool:
+    """Whether [`NonFiniteGuardCallback`] skipped the current optimizer step (non-finite gradients): a callback that
+    moves training state at the end of a step (the selection biases, ...) must leave it alone then.
+
+    The guard decides in `on_pre_optimizer_step`, which the Trainer runs for every callback before any callback's
+    `on_optimizer_step` or `on_step_end`: read it there, and the order of the callbacks does not matter. False
+    without a guard.
+    """
+    return getattr(state, _STEP_SKIPPED, False)
+
+
 class NonFiniteGuardCallback(_MoeLogCallback):
     """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
     after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
 
-    A skipped step changes no weight and no optimizer state: the optimizer's `step` is not run for it. Skips are
-    counted and logged (`moe/nonfinite_skipped_steps`). On the N-th consecutive skip the callback sets
+    A skipped step changes no weight and no optimizer state: the optimizer's `step` is not run for it. The other
+    callbacks learn of it through [`optimizer_step_skipped`] (`AuxLossFreeBalancingCallback` then moves no selection
+    bias). Skips are counted and logged (`moe/nonfinite_skipped_steps`). On the N-th consecutive skip the callback sets
     `rollback_requested` and stops training; [`train_with_rollback`] then resumes from the last checkpoint with a
     reshuffled data order.
     """
@@ -259,7 +277,9 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         self.rollbacks = 0
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if all_gradients_finite(model):
+        finite = all_gradients_finite(model)  # the same on every process: DDP has all-reduced the gradients
+        setattr(state, _STEP_SKIPPED, not finite)
+        if finite:
             self.consecutive = 0
             return
         self.skipped_steps += 1
