@@ -144,6 +144,8 @@ def test_casting_the_model_keeps_the_router_state_in_float32(buffer, cast):
     model = _model("hf_moe", **ROUTER_STATE[buffer])
     for layer in model.model.layers:
         getattr(layer.mlp.gate, buffer).fill_(0.2501)  # 0.25 in bfloat16 and in float16 (step 2^-11 there)
+        if buffer == "expert_choice_threshold":
+            layer.mlp.gate.expert_choice_threshold_updates.fill_(1)  # estimated: the forward routes by it
     low = torch.float16 if cast == "half" else torch.bfloat16
     model = model.to(low) if cast == "to" else getattr(model, cast)()
     buffers = [getattr(layer.mlp.gate, buffer) for layer in model.model.layers]
