@@ -340,9 +340,18 @@ def test_train_mode_forwards_without_gradients_move_no_bias():
 def test_frozen_routers_keep_their_bias(tmp_path):
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_bias_update_rate=0.05))
     freeze_moe(model, "router")
-    add_moe_callbacks(Trainer(model=model, args=_args(tmp_path), train_dataset=_padded_rows(16)),
-                      AuxLossFreeBalancingCallback()).train()
-    assert all(torch.equal(b, torch.zeros(4)) for b in _biases(model))
+    model.model.layers[2].mlp.gate.weight.requires_grad_(True)  # the positive control: one router trains
+    capture = _StepLogits(model)  # the biases after each step
+    trainer = add_moe_callbacks(Trainer(model=model, args=_args(tmp_path), train_dataset=_padded_rows(16)),
+                                AuxLossFreeBalancingCallback())
+    trainer.add_callback(capture)
+    trainer.train()
+    assert len(capture.biases) == 4
+    trained_before = torch.zeros(4)
+    for frozen_0, frozen_1, trained in capture.biases:
+        assert torch.equal(frozen_0, torch.zeros(4)) and torch.equal(frozen_1, torch.zeros(4))
+        assert (trained - trained_before).abs().max().item() == pytest.approx(0.05)  # every step moved it by gamma
+        trained_before = trained
 
 
 PLACEMENTS = {  # where each family keeps the bias, relative to the sparse block `model.layers.<i>.mlp`
@@ -565,7 +574,10 @@ def test_finetune_option_on_a_family_without_bias_is_a_value_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the measurement
-def test_balancing_benchmark_rows_differ_only_in_the_balancing(tiny_upcycled, tmp_path):
+def test_balancing_benchmark_rows_differ_only_in_the_balancing(tiny_upcycled, tmp_path, monkeypatch):
+    import dataclasses
+
+    from hf_moe.recipes import balancing
     from hf_moe.recipes.balancing import (
         BalancingBenchmarkArguments,
         balancing_settings,
@@ -580,10 +592,29 @@ def test_balancing_benchmark_rows_differ_only_in_the_balancing(tiny_upcycled, tm
         {"router_aux_loss_coef": 0.01, "router_bias_update_rate": 0.0},
         {"router_aux_loss_coef": 0.0, "router_bias_update_rate": 1e-3},
         {"router_aux_loss_coef": 0.01, "router_bias_update_rate": 1e-3}]
-    row = run_method("both", tiny_upcycled, args)
-    assert len(row["max_vio_curve"]) == 2 and row["max_vio_train_last"] == pytest.approx(
-        sum(row["max_vio_curve"]) / 2)
-    assert all(row[key] >= 0 for key in ("validation_max_vio", "heldout_max_vio", "heldout_loss"))
-    assert "| both | 0.01 | 0.001 |" in format_balancing_table([row], 2)
+    runs = []  # (FinetuneArguments, FinetuneTrainingArguments) of each method's run
+    build = balancing.build_trainer
+    monkeypatch.setattr(balancing, "build_trainer", lambda *arguments: runs.append(arguments) or build(*arguments))
+    rows = [run_method(method, tiny_upcycled, args) for method in ("none", "both")]
+
+    # The runs' options differ in the balancing (and the run folder) only.
+    (none_options, none_training), (both_options, both_training) = runs
+    none_options, both_options = dataclasses.asdict(none_options), dataclasses.asdict(both_options)
+    assert {key for key in none_options if none_options[key] != both_options[key]} == {
+        "router_aux_loss_coef", "router_bias_update_rate"}
+    none_training, both_training = none_training.to_dict(), both_training.to_dict()
+    assert {key for key in none_training if none_training[key] != both_training[key]} == {"output_dir"}
+    # The rows: the same fields; the balancing differs, the first step (same start, same batch, bias still 0) not.
+    assert rows[0].keys() == rows[1].keys()
+    assert [(row["method"], row["router_aux_loss_coef"], row["router_bias_update_rate"]) for row in rows] == [
+        ("none", 0.0, 0.0), ("both", 0.01, 1e-3)]
+    assert rows[0]["max_vio_first_step"] == rows[1]["max_vio_first_step"]
+    assert rows[0]["validation_loss"] != rows[1]["validation_loss"]  # the balancing changed the training
+    for row in rows:
+        assert len(row["max_vio_curve"]) == 2 and row["max_vio_train_last"] == pytest.approx(
+            sum(row["max_vio_curve"]) / 2)
+        assert all(row[key] >= 0 for key in ("validation_max_vio", "heldout_max_vio", "heldout_loss"))
+    table = format_balancing_table(rows, 2)
+    assert "| none | 0 | 0 |" in table and "| both | 0.01 | 0.001 |" in table
     with pytest.raises(ValueError, match="`methods`='aux,bias' is invalid"):
         BalancingBenchmarkArguments(methods="aux,bias")
