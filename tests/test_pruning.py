@@ -11,17 +11,21 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_moe.errors import UnsupportedCheckpointError
+from hf_moe.moe_layers import RoutingGroups
 from hf_moe.pruning import (
+    ExpertSaliency,
     LayerPlan,
     average_linkage_clusters,
     measure_saliency,
+    merging_plan,
     open_source,
     prune,
+    verify_pruning,
     write_pruned_folder,
 )
-from hf_moe.pruning.merge import cosine_distances
+from hf_moe.pruning.merge import euclidean_distances
 
-from .conftest import tiny_config
+from .conftest import byte_tokenizer, tiny_config
 
 CALIBRATION = [[1, 5, 9, 13, 20, 33, 7, 8, 41, 3, 60, 61], [4, 4, 90, 17, 2, 60, 11, 12], [30, 31, 32, 33, 34, 35]]
 
@@ -60,7 +64,8 @@ def _no_staging_left(parent) -> bool:
 
 # ------------------------------------------------------------------------------------------------ saliency
 def _independent_saliency(model, inputs, renormalise: bool) -> dict[str, torch.Tensor]:
-    """REAP / EAN / frequency from the router logits the model returns and experts computed from their weights."""
+    """REAP / EAN (REAP's `ean_sum` and `ean_mean`) / frequency (the share, and the routing counts) from the router
+    logits the model returns and experts computed from their weights."""
     layers = model.model.layers
     block_inputs = {}
     hooks = [layer.mlp.register_forward_pre_hook(
@@ -76,7 +81,7 @@ def _independent_saliency(model, inputs, renormalise: bool) -> dict[str, torch.T
     for hook in hooks:
         hook.remove()
     top_k, num_experts = model.config.num_experts_per_tok, layers[0].mlp.gate.weight.shape[0]
-    reap, ean, frequency = (torch.zeros(len(layers), num_experts, dtype=torch.float64) for _ in range(3))
+    reap, ean_sum, frequency = (torch.zeros(len(layers), num_experts, dtype=torch.float64) for _ in range(3))
     for index, layer in enumerate(layers):
         x = torch.cat(block_inputs[index]).double()
         probabilities = torch.cat(logits_per_layer[index]).double().softmax(-1)
@@ -91,9 +96,10 @@ def _independent_saliency(model, inputs, renormalise: bool) -> dict[str, torch.T
             norms = ((F.silu(hidden_gate) * hidden_up) @ down[expert].T).norm(dim=-1)
             count = max(int(routed.sum()), 1)
             reap[index, expert] = (gate * norms).sum() / count
-            ean[index, expert] = norms.sum() / count
+            ean_sum[index, expert] = norms.sum()
             frequency[index, expert] = routed.sum()
-    return {"reap": reap, "ean": ean, "frequency": frequency / frequency.sum(-1, keepdim=True)}
+    return {"reap": reap, "ean_sum": ean_sum, "ean_mean": ean_sum / frequency.clamp(min=1), "counts": frequency,
+            "frequency": frequency / frequency.sum(-1, keepdim=True)}
 
 
 @pytest.mark.parametrize("model_type, renormalise", [("hf_moe", True), ("qwen3_moe", False)])
@@ -108,7 +114,7 @@ def test_saliency_equals_an_independent_computation_from_router_logits_and_exper
             norm_topk_prob=False)).eval()
     saliency = measure_saliency(model, [torch.tensor([ids]) for ids in CALIBRATION], progress=False)
     reference = _independent_saliency(model, CALIBRATION, renormalise)
-    for method in ("reap", "ean", "frequency"):
+    for method in ("reap", "ean_sum", "ean_mean", "frequency"):
         torch.testing.assert_close(saliency.scores(method), reference[method], rtol=1e-5, atol=1e-7)
     assert saliency.tokens == sum(map(len, CALIBRATION))
     assert saliency.frequency.sum() == saliency.tokens * model.config.num_experts_per_tok * len(saliency.layers)
@@ -121,7 +127,7 @@ def test_planted_never_routed_expert_is_the_one_pruned_by_every_method(tmp_path)
     model = _tiny_moe(num_experts=5)
     _plant_never_routed_expert(model)
     source = _save(model, tmp_path / "source")
-    for method in ("reap", "frequency", "ean"):
+    for method in ("reap", "frequency", "ean_sum", "ean_mean"):
         folder = prune(source, tmp_path / method, keep=4, method=method, calibration=CALIBRATION)
         plan = json.loads((folder / "pruning.json").read_text())["plan"]
         assert [entry["removed"] for entry in plan] == [[4], [4], [4]], (method, plan)
@@ -172,12 +178,12 @@ def test_average_linkage_matches_the_definition_and_finds_planted_clusters():
     torch.manual_seed(0)
     for _ in range(20):
         points = torch.randn(7, 5)
-        distances = cosine_distances(points)
+        distances = euclidean_distances(points)
         for count in (1, 3, 6):
             assert average_linkage_clusters(distances, count) == _naive_average_linkage(distances.double(), count)
     centres = torch.eye(3, 8) * 10
     planted = torch.stack([centres[0], centres[1], centres[0], centres[2], centres[1]]) + 0.01 * torch.randn(5, 8)
-    assert average_linkage_clusters(cosine_distances(planted), 3) == [[0, 2], [1, 4], [3]]
+    assert average_linkage_clusters(euclidean_distances(planted), 3) == [[0, 2], [1, 4], [3]]
 
 
 def test_duplicate_experts_are_merged_together_and_the_merge_is_exact(tmp_path):
@@ -193,7 +199,7 @@ def test_duplicate_experts_are_merged_together_and_the_merge_is_exact(tmp_path):
     for entry, layer, merged_layer in zip(report["plan"], model.model.layers, merged.model.layers, strict=True):
         twins = next(group for group in entry["merged"] if len(group["members"]) > 1)
         assert sorted(twins["members"]) == [1, 3] and len(entry["kept"]) == 3, entry  # the twins, and only they
-        frequency = torch.tensor(report["saliency"]["frequency"][entry["layer"]], dtype=torch.float64)
+        frequency = torch.tensor(report["saliency"]["routing_counts"][entry["layer"]], dtype=torch.float64)
         members = twins["members"]
         assert twins["weights"] == pytest.approx((frequency[members] / frequency[members].sum()).tolist())
         # the weighted average of identical experts is each of them, bit for bit, at the representative's place
@@ -212,7 +218,7 @@ def test_merged_expert_is_the_frequency_weighted_average_of_its_cluster(tmp_path
     for entry in report["plan"]:
         prefix = f"model.layers.{entry['layer']}.mlp"
         for position, group in enumerate(entry["merged"]):
-            frequency = torch.tensor(report["saliency"]["frequency"][entry["layer"]], dtype=torch.float64)
+            frequency = torch.tensor(report["saliency"]["routing_counts"][entry["layer"]], dtype=torch.float64)
             members = group["members"]
             weights = frequency[members] / frequency[members].sum()
             for name in ("gate_up_proj", "down_proj"):
@@ -360,7 +366,7 @@ def dense_folder(tmp_path):
 
 
 @pytest.mark.parametrize("keep, message", [
-    (4, r"keeps 4 of 4 experts per layer: nothing to prune; choose 1\.\.3"),
+    (4, r"keeps 4 of 4 experts per layer: nothing to prune; choose 2\.\.3"),
     (6, r"keeps 6 of 4 experts per layer: nothing to prune"),
     (0.99, r"keeps 4 of 4 experts"),
     (1, r"keeping 1 experts per layer is below `num_experts_per_tok`=2"),
@@ -408,19 +414,196 @@ def test_cli_prune_errors_are_one_line_and_a_run_prints_the_plan(dense_folder, t
     assert verification["max_abs_logit_difference"] > 0  # half the experts are gone: the function changed
 
 
-@pytest.mark.slow  # three evaluations with greedy generation: ~40 s on a loaded 2-core CPU
+@pytest.mark.slow  # six evaluations with greedy generation: ~60 s on a loaded 2-core CPU
 def test_benchmark_pruning_reports_every_variant_relative_to_the_unpruned_model(tiny_upcycled, tmp_path):
-    from hf_moe.recipes.benchmark_pruning import PruningBenchmarkArguments, benchmark_pruning, format_table
+    from transformers import AutoTokenizer
 
-    result = benchmark_pruning(PruningBenchmarkArguments(
-        model_path=str(tiny_upcycled), output_dir=str(tmp_path / "bench"), keep="0.5", variants="reap,merge",
-        calibration_samples=4, max_length=48, eval_per_family=1, decode_tokens=4, repeats=1))
-    names = [row["variant"] for row in result["rows"]]
-    assert names == ["unpruned", "reap 2/4", "HC-SMoE merge 2/4"]
-    unpruned = result["rows"][0]
-    assert unpruned["validation_loss_delta"] == 0 and unpruned["weights_relative"] == 1
-    for row in result["rows"][1:]:
-        assert row["weights_mb"] < unpruned["weights_mb"] and row["decode_tokens_per_s"] > 0
-        assert row["heldout_loss_delta"] == pytest.approx(row["heldout_loss"] - unpruned["heldout_loss"])
+    from hf_moe.data import build_mixture
+    from hf_moe.recipes.benchmark_pruning import PruningBenchmarkArguments, benchmark_pruning, format_table
+    from hf_moe.recipes.evaluate import evaluate_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_upcycled)
+    with torch.no_grad():  # upcycled experts are copies of one MLP: perturbed, pruning and merging change the model
+        for layer in model.model.layers:
+            for weights in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):
+                weights.add_(0.5 * weights.std() * torch.randn_like(weights))
+    source = _save(model, tmp_path / "source")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_upcycled)
+    tokenizer.save_pretrained(source)
+    args = PruningBenchmarkArguments(
+        model_path=str(source), output_dir=str(tmp_path / "bench"), keep="0.5", variants="reap,merge",
+        calibration_samples=4, max_length=48, eval_per_family=1, decode_tokens=4, repeats=1)
+    result = benchmark_pruning(args)
+    assert [row["variant"] for row in result["rows"]] == ["unpruned", "reap 2/4", "HC-SMoE merge 2/4"]
+    # each row against its own folder, evaluated here independently; the deltas against the unpruned folder's
+    validation = {"validation": build_mixture(args.train_per_family, args.eval_per_family, seed=args.seed)[
+        "validation"]}
+    folders = [source, tmp_path / "bench" / "reap-2", tmp_path / "bench" / "merge-2"]
+    losses = [evaluate_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer,
+                             validation)["validation"]["loss"] for folder in folders]
+    sizes = [sum(path.stat().st_size for path in folder.glob("*.safetensors")) for folder in folders]
+    for row, loss, size in zip(result["rows"], losses, sizes, strict=True):
+        assert row["validation_loss"] == pytest.approx(loss, rel=1e-6)
+        assert row["validation_loss_delta"] == pytest.approx(loss - losses[0], rel=1e-6, abs=1e-9)
+        assert row["weights_mb"] == size / 1e6 and row["weights_relative"] == pytest.approx(size / sizes[0])
+        assert row["heldout_loss_delta"] == pytest.approx(row["heldout_loss"] - result["rows"][0]["heldout_loss"])
+    assert losses[1] != losses[0] and losses[2] != losses[0] and sizes[1] < sizes[0]  # the variants are other models
     assert json.loads((tmp_path / "bench" / "benchmark.json").read_text())["rows"] == result["rows"]
     assert "HC-SMoE merge 2/4" in format_table(result)
+
+
+# ------------------------------------------------------------------------------------------------ selection bias
+def _biased_model_with_a_never_chosen_expert():
+    """E=5, k=2 with a selection bias on the probabilities (auxiliary-loss-free balancing) and the byte tokenizer:
+    router rows (+u, -u, +v, -v, 0) as in `_plant_never_routed_expert`, and expert 4's bias -1 keeps it out of every
+    top 2 (its biased score p - 1 < 0 <= the others'); the other biases are random, so they decide close calls."""
+    tokenizer = byte_tokenizer()
+    model = _tiny_moe(num_experts=5, vocab_size=len(tokenizer), router_bias_update_rate=0.01)
+    _plant_never_routed_expert(model)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            bias = layer.mlp.gate.e_score_correction_bias
+            bias.copy_(torch.cat([0.1 * torch.randn(4), torch.tensor([-1.0])]))
+    return model, tokenizer
+
+
+def _chosen_sets(model, ids) -> list[list[set[int]]]:
+    """Per sparse layer, each token's chosen experts, from the router logits and the selection bias (k=2)."""
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True).router_logits
+    chosen = []
+    for layer, layer_logits in zip(model.model.layers, logits, strict=True):
+        scores = layer_logits.float().softmax(-1) + layer.mlp.gate.e_score_correction_bias
+        chosen.append([set(row) for row in scores.topk(2, dim=-1).indices.tolist()])
+    return chosen
+
+
+def test_verify_counts_the_routing_flips_a_selection_bias_causes_when_unreached_experts_go(tmp_path):
+    from hf_moe.checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids
+
+    model, tokenizer = _biased_model_with_a_never_chosen_expert()
+    source = _save(model, tmp_path / "source")
+    tokenizer.save_pretrained(source)
+    folder = prune(source, tmp_path / "pruned", keep=4, calibration=CALIBRATION)
+    assert [entry["removed"] for entry in json.loads((folder / "pruning.json").read_text())["plan"]] == [[4]] * 3
+    pruned = AutoModelForCausalLM.from_pretrained(folder).eval()
+    flips = decisions = 0
+    for prompt in SAMPLE_PROMPTS:  # the verification's inputs; kept = [0, 1, 2, 3]: the indices stay
+        ids = chat_prompt_ids(tokenizer, prompt)
+        for before, after in zip(_chosen_sets(model, ids), _chosen_sets(pruned, ids), strict=True):
+            flips += sum(a != b for a, b in zip(before, after, strict=True))
+            decisions += len(before)
+    assert flips > 0  # the kept probabilities renormalise, the bias does not: close calls change
+    verification = verify_pruning(source, folder, max_new_tokens=2)
+    assert (verification["routing_flips"], verification["routing_decisions"]) == (flips, decisions)
+    assert verification["routed_to_removed"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ references
+def _hand_saliency(frequency, outputs=None, reap=None, norms=None) -> ExpertSaliency:
+    """One sparse layer's statistics written by hand (`outputs`: each expert's mean output, one token)."""
+    rows = torch.tensor([frequency], dtype=torch.float64)
+    saliency = ExpertSaliency(layers=[0], num_experts=len(frequency), tokens=1, frequency=rows)
+    if reap is not None:
+        saliency.reap_sum = torch.tensor([reap], dtype=torch.float64) * rows
+    if norms is not None:
+        saliency.norm_sum = torch.tensor([norms], dtype=torch.float64)
+    if outputs is not None:
+        saliency.output_sum = torch.tensor([outputs], dtype=torch.float64)
+    return saliency
+
+
+def test_hc_smoe_clusters_the_mean_outputs_by_euclidean_distance_with_average_linkage():
+    # Euclidean: d(0,2) = 1.41 joins first; then {0,2}-1 = (9 + 10.05) / 2 = 9.52 < {0,2}-3 = (12.04 + 11) / 2 = 11.52
+    # < d(1,3) = 15.62. (Cosine would join 0 with 1 and 2 with 3: both pairs point the same way.)
+    saliency = _hand_saliency([1, 1, 1, 1], outputs=[[1.0, 0.0], [10.0, 0.0], [0.0, 1.0], [0.0, 12.0]])
+    [plan] = merging_plan(saliency, 2, RoutingGroups())
+    assert sorted(sorted(members) for members in plan.members) == [[0, 1, 2], [3]]
+
+
+def test_merged_expert_takes_the_router_row_of_its_most_frequently_routed_member():
+    # one cluster of all three; expert 1 routed 5 times, 0 twice, 2 never; REAP ranks expert 0 first
+    saliency = _hand_saliency([2, 5, 0], outputs=[[1.0], [1.0], [1.0]], reap=[10.0, 1.0, 0.0])
+    [plan] = merging_plan(saliency, 1, RoutingGroups())
+    assert plan.kept == (1,) and plan.members == ((1, 0, 2),)
+    assert plan.weights == ((5 / 7, 2 / 7, 0.0),)
+
+
+def test_ean_sum_and_ean_mean_are_reaps_sum_and_mean_of_the_activation_norms():
+    saliency = _hand_saliency([2, 4], norms=[6.0, 8.0])  # expert 0: 2 tokens, norms sum 6; expert 1: 4, sum 8
+    assert saliency.scores("ean_sum").tolist() == [[6.0, 8.0]]
+    assert saliency.scores("ean_mean").tolist() == [[3.0, 2.0]]
+
+
+# ------------------------------------------------------------------------------------------------ routing counts
+def test_pruning_json_keeps_the_routing_counts_beside_the_frequency_share(tmp_path):
+    model = _tiny_moe()
+    counts = _independent_saliency(model, CALIBRATION, renormalise=True)["counts"]
+    folder = prune(_save(model, tmp_path / "source"), tmp_path / "pruned", keep=3, calibration=CALIBRATION)
+    saliency = json.loads((folder / "pruning.json").read_text())["saliency"]
+    assert saliency["routing_counts"] == counts.long().tolist()
+    torch.testing.assert_close(torch.tensor(saliency["frequency"], dtype=torch.float64),
+                               counts / counts.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("method, extra_calls", [("frequency", False), ("reap", True)])
+def test_frequency_calibration_runs_no_expert_beyond_the_models_own_forward(tmp_path, method, extra_calls):
+    model = _tiny_moe()
+    calls = []
+    for layer in model.model.layers:
+        layer.mlp.experts.register_forward_hook(lambda module, args, output: calls.append(1))
+    forward_calls = len(model.model.layers) * len(CALIBRATION)  # one experts call per sparse layer and sequence
+    prune(model, tmp_path / "pruned", keep=3, method=method, calibration=CALIBRATION)
+    assert (len(calls) > forward_calls) == extra_calls and len(calls) >= forward_calls, len(calls)
+
+
+# ------------------------------------------------------------------------------------------------ CLI messages
+@pytest.mark.parametrize("keep, message", [
+    ("0", "`keep`='0' keeps no expert of 4; choose 2..3"),
+    ("99", "`keep`='99' keeps 99 of 4 experts per layer: nothing to prune; choose 2..3 (or a ratio that rounds "
+          "to one of those)"),
+    ("1", "keeping 1 experts per layer is below `num_experts_per_tok`=2: every token is routed to 2 experts; "
+          "choose 2..3"),
+])
+def test_cli_keep_outside_the_accepted_counts_names_exactly_those(tmp_path, capsys, keep, message):
+    from hf_moe.cli import main
+
+    source = _save(_tiny_moe(), tmp_path / "source")
+    capsys.readouterr()  # the saving's progress bar
+    with pytest.raises(SystemExit):
+        main(["prune", str(source), str(tmp_path / "out"), "--keep", keep])
+    assert capsys.readouterr().err == f"hf-moe prune: error: {message}\n"
+
+
+def test_group_limited_budget_refusal_lists_the_accepted_counts(tmp_path):
+    deepseek = _save(_family_model("deepseek_v3"), tmp_path / "deepseek")  # 8 experts, 2 groups, 1 chosen, top-2
+    with pytest.raises(ValueError) as refused:
+        prune(deepseek, tmp_path / "out", keep=3, calibration=CALIBRATION)
+    assert str(refused.value) == ("keeping 3 experts per layer does not split into the model's `n_group`=2 routing "
+                                  "groups; choose one of 4, 6")
+
+
+@pytest.mark.xfail(strict=True, reason="the message comes from hf_moe/data/sft.py `_reason` (its owner fixes it)")
+def test_cli_malformed_calibration_line_names_the_column_once(tiny_upcycled, tmp_path, capsys):
+    from hf_moe.cli import main
+
+    calibration = tmp_path / "bad.jsonl"
+    calibration.write_text('{"text": "abc}\n')
+    with pytest.raises(SystemExit):
+        main(["prune", str(tiny_upcycled), str(tmp_path / "out"), "--keep", "3", "--calibration", str(calibration)])
+    error = capsys.readouterr().err
+    assert error.startswith(f"hf-moe prune: error: {calibration}: line 1 is not valid JSON (") and "at at" not in error
+
+
+def test_cli_calibration_without_an_accepted_column_names_the_text_field_on_one_line(tiny_upcycled, tmp_path,
+                                                                                      capsys):
+    from hf_moe.cli import main
+
+    calibration = tmp_path / "body.jsonl"
+    calibration.write_text('{"body": "abc"}\n{"body": "def"}\n')
+    with pytest.raises(SystemExit):
+        main(["prune", str(tiny_upcycled), str(tmp_path / "out"), "--keep", "3", "--calibration", str(calibration)])
+    assert capsys.readouterr().err == (
+        f"hf-moe prune: error: calibration data {calibration}: rows need a `text` column, a `messages` column or one "
+        "of the column pairs instruction/response, instruction/output, prompt/completion, question/answer; found "
+        "['body']\n")

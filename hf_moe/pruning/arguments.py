@@ -14,10 +14,13 @@ class PruneArguments:
     output_dir: str | None = field(default=None, metadata={"help": "default: <source>-<method or merged>-<N>"})
     keep: str = field(default="0.5", metadata={
         "help": "experts kept per sparse layer: a count N (6) or a ratio of the experts (0.75)"})
-    method: str = field(default="reap", metadata={"help": "reap | frequency | ean: how experts are ranked"})
+    method: str = field(default="reap", metadata={
+        "help": "reap | frequency | ean_sum | ean_mean: how experts are ranked (with --merge: the saliency the "
+                "heatmap shows)"})
     merge: bool = field(default=False, metadata={
-        "help": "merge instead of prune (HC-SMoE, arXiv 2410.08589): cluster experts by their mean output, average "
-                "each cluster weighted by routing frequency into its most salient member"})
+        "help": "merge instead of prune (HC-SMoE, arXiv 2410.08589): cluster experts by the Euclidean distance of "
+                "their mean outputs, average each cluster weighted by routing frequency into its most frequently "
+                "routed member"})
     calibration: str | None = field(default=None, metadata={
         "help": "datasets name / folder or .json / .jsonl (messages, instruction/response or text rows); "
                 "empty = the embedded task mixture"})

@@ -2,12 +2,28 @@
 (chat `messages`, instruction/response columns as `hf-moe finetune` reads them, or plain `text`), or token ids."""
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..data import HELD_IN_FAMILIES, build_mixture, load_instruction_dataset
-from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
+from ..data.sft import INSTRUCTION_COLUMNS, check_json_rows, ensure_chat_template, tokenize_for_sft
+
+
+@contextmanager
+def _datasets_quiet():
+    """`datasets` without its progress bars: reading a local file and converting its rows takes a moment, and the
+    bars would otherwise stand before any error about the rows."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def _load_table(name: str, split: str):
@@ -18,8 +34,21 @@ def _load_table(name: str, split: str):
         if not path.is_file():
             raise FileNotFoundError(f"calibration file {path} does not exist")
         check_json_rows(path)
-        return load_dataset("json", data_files=str(path), split="train")
-    return load_dataset(name, split=split)
+        with _datasets_quiet():
+            return load_dataset("json", data_files=str(path), split="train")
+    return load_dataset(name, split=split)  # a download's progress bars say something
+
+
+def _is_text_table(name: str, columns: list[str]) -> bool:
+    """Whether the rows are plain `text` (else chat or instruction rows); raise naming the accepted columns when
+    they are neither."""
+    if "text" in columns and "messages" not in columns:
+        return True
+    if "messages" in columns or any(set(pair) <= set(columns) for pair in INSTRUCTION_COLUMNS):
+        return False
+    pairs = ", ".join("/".join(pair) for pair in INSTRUCTION_COLUMNS)
+    raise ValueError(f"calibration data {name}: rows need a `text` column, a `messages` column or one of the column "
+                     f"pairs {pairs}; found {sorted(columns)}")
 
 
 def calibration_inputs(tokenizer, calibration=None, samples: int = 64, max_length: int = 256, split: str = "train",
@@ -48,8 +77,11 @@ def calibration_inputs(tokenizer, calibration=None, samples: int = 64, max_lengt
     else:
         name = str(calibration)
         table = _load_table(name, split)
-        is_text = "text" in table.column_names and "messages" not in table.column_names
-        rows = table if is_text else load_instruction_dataset(name, split)
+        if _is_text_table(name, table.column_names):
+            rows = table
+        else:
+            with _datasets_quiet():
+                rows = load_instruction_dataset(name, split)
         rows = rows.shuffle(seed=seed)
         description = Path(name).name if Path(name).exists() else name
     rows = rows.select(range(min(samples, len(rows))))

@@ -1,12 +1,18 @@
 """Merging instead of pruning: HC-SMoE (Chen et al., "Retraining-Free Merging of Sparse Mixture-of-Experts via
-Hierarchical Clustering", ICML 2025, arXiv 2410.08589).
+Hierarchical Clustering", ICML 2025, arXiv 2410.08589), as its code does it (wazenmai/HC-SMoE,
+`hcsmoe/merging/clustering.py`; REAP's reproduction, CerebrasResearch/reap `experiments/hc_smoe.sh`, uses the same
+settings).
 
 Per sparse layer, each expert is represented by its mean output over *all* calibration tokens (every expert sees the
-same tokens, so the grouping does not depend on the router); average-linkage hierarchical clustering groups the
-experts into N clusters (here on the cosine distance between those mean outputs); each cluster becomes one expert,
-the routing-frequency-weighted average of its members' weights (HC-SMoE's and MC-SMoE's "frequency" merge). A stock
-architecture has one router row per expert, so the merged expert keeps the router rows of its most salient member (by
-the pruning `method`): it takes that member's place, and the others' rows are dropped as in pruning.
+same tokens, so the grouping does not depend on the router); average-linkage hierarchical clustering on the Euclidean
+distance between those mean outputs groups the experts into N clusters; each cluster becomes one expert, the
+routing-frequency-weighted average of its members' weights (the `freq` merge).
+
+The router is where a stock architecture cannot follow the references: they keep all E router rows and let every
+member of a cluster call the merged expert (a token routed to two members gets it with both weights). One router row
+per expert cannot say that, so the merged expert keeps the router rows of its most frequently routed member (REAP's
+"dominant expert", `src/reap/merge.py`), the member its weights lean on most; the other members' rows are dropped
+as in pruning.
 
 With routing groups (DeepSeek-V3) clusters never cross a group, and every group keeps N / groups experts.
 """
@@ -16,6 +22,12 @@ import torch
 from ..moe_layers import RoutingGroups
 from .plan import LayerPlan, group_slices, most_salient
 from .saliency import ExpertSaliency
+
+
+def euclidean_distances(vectors: torch.Tensor) -> torch.Tensor:
+    """(n, n) Euclidean distances ‖a − b‖₂ between the rows of `vectors`, in float64."""
+    vectors = vectors.double()
+    return (vectors.unsqueeze(1) - vectors.unsqueeze(0)).norm(dim=-1)
 
 
 def cosine_distances(vectors: torch.Tensor) -> torch.Tensor:
@@ -45,18 +57,19 @@ def average_linkage_clusters(distances: torch.Tensor, count: int) -> list[list[i
     return sorted(clusters.values())
 
 
-def merging_plan(saliency: ExpertSaliency, method: str, count: int, groups: RoutingGroups) -> list[LayerPlan]:
-    """HC-SMoE clusters of every sparse layer, each merged by routing frequency into its most salient member."""
-    scores, outputs, frequency = saliency.scores(method), saliency.mean_outputs(), saliency.frequency
+def merging_plan(saliency: ExpertSaliency, count: int, groups: RoutingGroups) -> list[LayerPlan]:
+    """HC-SMoE clusters of every sparse layer, each merged by routing frequency into its most frequently routed
+    member (ties: the lower index)."""
+    outputs, frequency = saliency.mean_outputs(), saliency.frequency
     plans = []
     for row, layer in enumerate(saliency.layers):
         merged = []
         for group in group_slices(saliency.num_experts, groups):
             experts = list(group)
-            local = average_linkage_clusters(cosine_distances(outputs[row, experts]), count // groups.count)
+            local = average_linkage_clusters(euclidean_distances(outputs[row, experts]), count // groups.count)
             for cluster in local:
                 members = [experts[i] for i in cluster]
-                representative = members[most_salient(scores[row, members], 1)[0]]
+                representative = members[most_salient(frequency[row, members], 1)[0]]
                 ordered = [representative, *(m for m in members if m != representative)]
                 counts = frequency[row, ordered]
                 if counts.sum() > 0:

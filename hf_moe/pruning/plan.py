@@ -11,6 +11,8 @@ import torch
 
 from ..moe_layers import RoutingGroups
 
+ONE_GROUP = RoutingGroups()  # plain top-k routing
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -36,11 +38,13 @@ class LayerPlan:
         return all(group == (expert,) for expert, group in zip(self.kept, self.members, strict=True))
 
 
-def keep_count(keep: int | float | str, num_experts: int) -> int:
+def keep_count(keep: int | float | str, num_experts: int, top_k: int = 1,
+               groups: RoutingGroups = ONE_GROUP) -> int:
     """Experts kept per sparse layer: an integer N, or a ratio in (0, 1) of `num_experts` (rounded to nearest).
 
-    Raises a `ValueError` naming `keep` unless 1 <= N < `num_experts`.
+    Raises a `ValueError` naming `keep` and the counts this model accepts (`accepted_counts`) unless N is one of them.
     """
+    choose = f"choose {_describe(accepted_counts(num_experts, top_k, groups), num_experts)}"
     text = str(keep).strip()
     try:
         value = float(text)
@@ -56,29 +60,52 @@ def keep_count(keep: int | float | str, num_experts: int) -> int:
                          f"{num_experts} experts")
     if count >= num_experts:
         raise ValueError(f"`keep`={keep!r} keeps {count} of {num_experts} experts per layer: nothing to prune; "
-                         f"choose 1..{num_experts - 1} (or a ratio below 1)")
+                         f"{choose} (or a ratio that rounds to one of those)")
     if count < 1:
-        raise ValueError(f"`keep`={keep!r} keeps no expert of {num_experts}; choose 1..{num_experts - 1}")
+        raise ValueError(f"`keep`={keep!r} keeps no expert of {num_experts}; {choose}")
+    check_budget(count, num_experts, top_k, groups)
     return count
+
+
+def accepted_counts(num_experts: int, top_k: int, groups: RoutingGroups = ONE_GROUP) -> list[int]:
+    """The expert counts below `num_experts` that a layer can keep and still route as the model does."""
+    return [count for count in range(1, num_experts) if _budget_problem(count, top_k, groups) is None]
+
+
+def _describe(counts: list[int], num_experts: int) -> str:
+    if not counts:
+        return f"none: no count below {num_experts} routes as the model does"
+    if counts == list(range(counts[0], counts[-1] + 1)):
+        return f"{counts[0]}..{counts[-1]}" if len(counts) > 1 else str(counts[0])
+    return "one of " + ", ".join(map(str, counts))
+
+
+def _budget_problem(count: int, top_k: int, groups: RoutingGroups) -> str | None:
+    """Why a layer of `count` experts cannot route as the model does, or None."""
+    if count < top_k:
+        return (f"keeping {count} experts per layer is below `num_experts_per_tok`={top_k}: every token is routed "
+                f"to {top_k} experts")
+    if groups.count > 1:
+        if count % groups.count:
+            return (f"keeping {count} experts per layer does not split into the model's `n_group`={groups.count} "
+                    "routing groups")
+        per_group = count // groups.count
+        if per_group < 2:
+            return (f"keeping {count} experts leaves {per_group} per routing group; group-limited routing scores "
+                    "each group by its top 2 experts")
+        if groups.chosen * per_group < top_k:
+            return (f"keeping {count} experts leaves {per_group} per group, and the `topk_group`={groups.chosen} "
+                    f"chosen groups then hold fewer than `num_experts_per_tok`={top_k}")
+    return None
 
 
 def check_budget(count: int, num_experts: int, top_k: int, groups: RoutingGroups) -> None:
     """Raise a `ValueError` when a layer of `count` experts cannot route as the model does: fewer experts than the
-    k each token uses, or (group-limited routing) groups that do not stay whole and equal."""
-    if count < top_k:
-        raise ValueError(f"keeping {count} experts per layer is below `num_experts_per_tok`={top_k}: every token "
-                         f"is routed to {top_k} experts; keep at least {top_k}")
-    if groups.count > 1:
-        if count % groups.count:
-            raise ValueError(f"keeping {count} experts per layer does not split into the model's `n_group`="
-                             f"{groups.count} routing groups; keep a multiple of {groups.count}")
-        per_group = count // groups.count
-        if per_group < 2:
-            raise ValueError(f"keeping {count} experts leaves {per_group} per routing group; group-limited routing "
-                             f"scores each group by its top 2 experts: keep at least {2 * groups.count}")
-        if groups.chosen * per_group < top_k:
-            raise ValueError(f"keeping {count} experts leaves {per_group} per group, and the `topk_group`="
-                             f"{groups.chosen} chosen groups then hold fewer than `num_experts_per_tok`={top_k}")
+    k each token uses, or (group-limited routing) groups that do not stay whole and equal. The message names the
+    counts that can."""
+    problem = _budget_problem(count, top_k, groups)
+    if problem is not None:
+        raise ValueError(f"{problem}; choose {_describe(accepted_counts(num_experts, top_k, groups), num_experts)}")
 
 
 def group_slices(num_experts: int, groups: RoutingGroups) -> list[range]:

@@ -36,7 +36,7 @@ from ..moe_layers import EXPERT_COUNT_FIELDS, RoutingGroups, expert_count_field,
 from .arguments import PruneArguments
 from .calibration import calibration_inputs
 from .merge import merge_tensors, merging_plan
-from .plan import LayerPlan, check_budget, keep_count, pruning_plan
+from .plan import LayerPlan, keep_count, pruning_plan
 from .report import SALIENCY_HEATMAP, pruning_report, save_saliency_heatmap
 from .saliency import ExpertSaliency, measure_saliency
 
@@ -217,8 +217,7 @@ def run_prune(args: PruneArguments, *, model=None, tokenizer=None, calibration=N
     source = open_source(args.source)
     if source_name is not None:
         source.name, source.hub_id = source_name, hub_id(source_name)
-    count = keep_count(args.keep, source.num_experts)
-    check_budget(count, source.num_experts, source.top_k, source.groups)
+    count = keep_count(args.keep, source.num_experts, source.top_k, source.groups)
     output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args, count)
     if output_dir.exists() and not args.overwrite:
         raise OutputExistsError(output_dir)
@@ -227,18 +226,20 @@ def run_prune(args: PruneArguments, *, model=None, tokenizer=None, calibration=N
         inputs, description = calibration_inputs(tokenizer, calibration if calibration is not None
                                                  else args.calibration, args.calibration_samples, args.max_length,
                                                  args.calibration_split, args.seed)
+        # Routing frequency needs the routers' choices only: no expert runs beyond the model's own forward.
+        options = dict(with_outputs=args.merge, expert_norms=args.method != "frequency", source=description)
         if model is None:
             dtype = torch.float32 if args.calibration_dtype == "float32" else "auto"
             calibration_model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype)
-            saliency = measure_saliency(calibration_model, inputs, with_outputs=args.merge, source=description)
+            saliency = measure_saliency(calibration_model, inputs, **options)
             del calibration_model  # writing reads the tensors from disk: the model's memory is free again
         else:
-            saliency = measure_saliency(model, inputs, with_outputs=args.merge, source=description)
+            saliency = measure_saliency(model, inputs, **options)
     if saliency.layers != source.layers or saliency.num_experts != source.num_experts:
         raise ValueError(f"the saliency covers layers {saliency.layers} with {saliency.num_experts} experts; "
                          f"{args.source} has sparse layers {source.layers} with {source.num_experts}")
     if args.merge:
-        plans = merging_plan(saliency, args.method, count, source.groups)
+        plans = merging_plan(saliency, count, source.groups)
     else:
         plans = pruning_plan(saliency.scores(args.method), saliency.layers, count, source.groups)
     report = pruning_report(plans, source.num_experts, source.top_k, method=args.method, merge=args.merge,
@@ -254,9 +255,10 @@ def prune(model_or_folder, output_dir: str | Path | None = None, keep: int | flo
           method: str = "reap", merge: bool = False, calibration=None, *, tokenizer=None,
           saliency: ExpertSaliency | None = None, **options) -> Path:
     """Write a smaller MoE of the same architecture to `output_dir`: `keep` experts per sparse layer (a count, or a
-    ratio of the experts), chosen by `method` ("reap", "frequency" or "ean") on `calibration` data, or with
-    `merge=True` the experts merged into that many (HC-SMoE). Router rows and experts are removed together and the
-    config's expert count follows; shared experts and everything else are copied. Returns the output folder.
+    ratio of the experts), chosen by `method` ("reap", "frequency", "ean_sum" or "ean_mean") on `calibration` data,
+    or with `merge=True` the experts merged into that many (HC-SMoE). Router rows and experts are removed together
+    and the config's expert count follows; shared experts and everything else are copied. Returns the output
+    folder.
 
     `model_or_folder`: an hf_moe, Mixtral, Qwen2/3-MoE, OLMoE or DeepSeek-V3 model folder (or Hub id), or such a model
     in memory (with its `tokenizer`, unless `calibration` is token ids). `calibration`: None (the embedded task

@@ -11,8 +11,8 @@ from .plan import LayerPlan
 from .saliency import METHODS, ExpertSaliency
 
 SALIENCY_HEATMAP = "pruning_saliency.png"
-MERGE_METHOD = ("HC-SMoE (arXiv 2410.08589): average-linkage clustering of the experts' mean outputs (cosine "
-                "distance), routing-frequency-weighted average into each cluster's most salient member")
+MERGE_METHOD = ("HC-SMoE (arXiv 2410.08589): average-linkage clustering of the experts' mean outputs (Euclidean "
+                "distance), routing-frequency-weighted average into each cluster's most frequently routed member")
 
 
 def pruning_report(plans: list[LayerPlan], num_experts: int, top_k: int, *, method: str | None = None,

@@ -1,15 +1,16 @@
 """Expert saliency from calibration data: how much each routed expert contributes to its sparse layer's output.
 
 A forward hook on every router that `hf_moe.moe_layers` finds reads the router's input (the tokens the block routes,
-`(tokens, d)`; MH-MoE: sub-tokens) and output (`router_logits`, top-k combine weights g, top-k indices), then runs
-the block's own experts module on the tokens routed to each expert, so the expert function measured is the family's
-own (and its experts backend). Per layer × expert it accumulates, over the calibration tokens:
+`(tokens, d)`; MH-MoE: sub-tokens) and output (`router_logits`, top-k combine weights g, top-k indices). Per layer ×
+expert it accumulates, over the calibration tokens:
 
-- `frequency`: routed assignments (tokens with the expert among their top-k);
-- `gate_sum` Σ g, `norm_sum` Σ ‖E_j(x)‖₂ and `reap_sum` Σ g · ‖E_j(x)‖₂ over them;
+- `frequency`: routed assignments (tokens with the expert among their top-k), from the router's output alone;
+- with `expert_norms=True` (REAP, EAN): `gate_sum` Σ g, `norm_sum` Σ ‖E_j(x)‖₂ and `reap_sum` Σ g · ‖E_j(x)‖₂ over
+  them. The hook runs the block's own experts module once more on the tokens routed to each expert, so the expert
+  function measured is the family's own (and its experts backend); routing frequency needs none of that;
 - with `with_outputs=True` (for merging): `output_sum`, Σ E_j(x) over *every* token: HC-SMoE's expert representation
   (Chen et al., arXiv 2410.08589, Sec. 3.2), which every expert gets on the same tokens whether the router picks it
-  or not.
+  or not (the norms then come with it).
 
 g is the weight the block multiplies the expert's output with: renormalised top-k probabilities for hf_moe (default)
 and Mixtral, raw softmax probabilities for Qwen2-MoE and OLMoE without `norm_topk_prob`, the normalised and scaled
@@ -26,13 +27,17 @@ from tqdm.auto import tqdm
 
 from ..moe_layers import find_moe_layers
 
-# method -> what it ranks experts by (higher = keep)
+# method -> what it ranks experts by (higher = keep); the names and definitions are those of REAP's code
+# (CerebrasResearch/reap, src/reap/pruning_metrics.py: `reap`, `expert_frequency`, `ean_sum`, `ean_mean`)
 METHODS = {
     "reap": "REAP (Lasby et al., arXiv 2510.13999): mean of g · ‖E_j(x)‖₂ over the tokens routed to the expert",
     "frequency": "routing frequency: the share of routed assignments that go to the expert (MC-SMoE's usage "
                  "frequency, arXiv 2310.01334)",
-    "ean": "expert activation norm: mean ‖E_j(x)‖₂ over the tokens routed to the expert (REAP's EAN baseline)",
+    "ean_sum": "expert activation norm, summed: Σ ‖E_j(x)‖₂ over the tokens routed to the expert (REAP's `ean_sum`)",
+    "ean_mean": "expert activation norm, averaged: mean ‖E_j(x)‖₂ over the tokens routed to the expert (REAP's "
+                "`ean_mean`)",
 }
+NORM_METHODS = ("reap", "ean_sum", "ean_mean")  # those that need each expert's output norms
 
 
 @dataclass
@@ -42,7 +47,8 @@ class ExpertSaliency:
     layers: list[int]  # decoder-layer indices of the sparse blocks
     num_experts: int
     tokens: int = 0  # router rows seen per layer (tokens; MH-MoE: sub-tokens)
-    frequency: torch.Tensor = None  # (layers, E) routed assignments
+    frequency: torch.Tensor = None  # (layers, E) routed assignments (counts)
+    expert_norms: bool = True  # whether the sums below were measured (False: routing counts only)
     gate_sum: torch.Tensor = None  # (layers, E) Σ g
     norm_sum: torch.Tensor = None  # (layers, E) Σ ‖E_j(x)‖₂
     reap_sum: torch.Tensor = None  # (layers, E) Σ g · ‖E_j(x)‖₂
@@ -58,14 +64,23 @@ class ExpertSaliency:
 
     def scores(self, method: str) -> torch.Tensor:
         """(layers, E) saliency under `method` (one of `METHODS`); an expert no token reached scores 0."""
+        if method not in METHODS:
+            raise ValueError(f"`method`={method!r} is invalid: choose one of {tuple(METHODS)}")
+        if method in NORM_METHODS and not self.expert_norms:
+            raise ValueError(f"`method`={method!r} needs the experts' output norms; these statistics hold routing "
+                             "counts only: measure with `expert_norms=True`")
         routed = self.frequency.clamp(min=1)
         if method == "reap":
             return self.reap_sum / routed
-        if method == "ean":
+        if method == "ean_sum":
+            return self.norm_sum.clone()
+        if method == "ean_mean":
             return self.norm_sum / routed
-        if method == "frequency":
-            return self.frequency / self.frequency.sum(-1, keepdim=True).clamp(min=1)
-        raise ValueError(f"`method`={method!r} is invalid: choose one of {tuple(METHODS)}")
+        return self.frequency / self.frequency.sum(-1, keepdim=True).clamp(min=1)
+
+    def methods(self) -> list[str]:
+        """The methods these statistics can score."""
+        return [method for method in METHODS if self.expert_norms or method not in NORM_METHODS]
 
     def mean_outputs(self) -> torch.Tensor:
         """(layers, E, d) each expert's mean output over all calibration tokens (needs `with_outputs=True`)."""
@@ -75,11 +90,13 @@ class ExpertSaliency:
         return self.output_sum / max(self.tokens, 1)
 
     def to_dict(self) -> dict:
-        """The statistics as JSON-ready lists (for pruning.json); the mean outputs are left out."""
+        """The statistics as JSON-ready lists (for pruning.json): `routing_counts` (routed assignments per layer ×
+        expert) and the score of every method measured (`frequency`: the share of those counts); the mean outputs
+        are left out."""
         return {"layers": self.layers, "num_experts": self.num_experts, "tokens": self.tokens,
                 "sequences": self.sequences, "calibration": self.source,
-                "frequency": self.frequency.tolist(),
-                **{method: self.scores(method).tolist() for method in METHODS}}
+                "routing_counts": self.frequency.long().tolist(),
+                **{method: self.scores(method).tolist() for method in self.methods()}}
 
 
 class _RouterHook:
@@ -87,6 +104,7 @@ class _RouterHook:
 
     def __init__(self, saliency: ExpertSaliency, row: int, experts: nn.Module, with_outputs: bool):
         self.saliency, self.row, self.experts, self.with_outputs = saliency, row, experts, with_outputs
+        self.expert_norms = saliency.expert_norms
 
     def expert_outputs(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         """E_expert(tokens) through the block's experts module: every token routed to `expert` with weight 1."""
@@ -106,6 +124,9 @@ class _RouterHook:
         for expert in range(stats.num_experts):
             chosen = top_k_index == expert  # (tokens, k)
             routed = chosen.any(-1)  # (tokens,)
+            stats.frequency[row, expert] += routed.sum()
+            if not self.expert_norms:  # routing counts only: no expert runs beyond the model's own forward
+                continue
             if self.with_outputs:
                 every_output = self.expert_outputs(tokens, expert).double()  # (tokens, d)
                 stats.output_sum[row, expert] += every_output.sum(0)
@@ -116,7 +137,6 @@ class _RouterHook:
                 continue
             gates = (top_k_weights.double() * chosen).sum(-1)[routed]  # (routed,)
             norms = outputs.norm(dim=-1)  # (routed,)
-            stats.frequency[row, expert] += routed.sum()
             stats.gate_sum[row, expert] += gates.sum()
             stats.norm_sum[row, expert] += norms.sum()
             stats.reap_sum[row, expert] += (gates * norms).sum()
@@ -124,9 +144,11 @@ class _RouterHook:
 
 @torch.no_grad()
 def measure_saliency(model: nn.Module, inputs: Iterable[torch.Tensor], with_outputs: bool = False,
-                     source: str = "", progress: bool = True) -> ExpertSaliency:
+                     source: str = "", progress: bool = True, expert_norms: bool = True) -> ExpertSaliency:
     """Routing statistics of every sparse block of `model` over `inputs` ((1, seq) token ids, run one at a time: no
-    padding enters the statistics).
+    padding enters the statistics). `expert_norms=False` counts the routing only (enough for `frequency`): the
+    calibration then costs the model's forward passes and nothing more. `with_outputs=True` (merging) runs every
+    expert on every token and measures the norms with it.
 
     Example:
     ```python
@@ -142,7 +164,8 @@ def measure_saliency(model: nn.Module, inputs: Iterable[torch.Tensor], with_outp
         raise ValueError(f"the sparse layers have different expert counts {sorted(counts)}")
     num_experts = counts.pop()
     modules = dict(model.named_modules())
-    saliency = ExpertSaliency(layers=[layer.index for layer in layers], num_experts=num_experts, source=source)
+    saliency = ExpertSaliency(layers=[layer.index for layer in layers], num_experts=num_experts, source=source,
+                              expert_norms=expert_norms or with_outputs)
     if with_outputs:
         width = modules[layers[0].router_name].weight.shape[-1]
         saliency.output_sum = torch.zeros(len(layers), num_experts, width, dtype=torch.float64)

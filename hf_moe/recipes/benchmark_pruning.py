@@ -1,4 +1,4 @@
-"""Pruning against merging, measured: a fine-tuned MoE pruned (REAP, routing frequency) and merged (HC-SMoE) to
+"""Pruning against merging, measured: a fine-tuned MoE pruned (REAP, routing frequency, EAN) and merged (HC-SMoE) to
 several expert budgets; for each, held-out loss and exact match on the embedded task mixture relative to the
 unpruned model, weights on disk and greedy decoding speed. One calibration pass serves every variant."""
 
@@ -18,7 +18,7 @@ from ..pruning.calibration import calibration_inputs
 from ..pruning.merge import cosine_distances
 from .evaluate import evaluate_model
 
-VARIANTS = ("reap", "frequency", "ean", "merge")
+VARIANTS = ("reap", "frequency", "ean_sum", "ean_mean", "merge")
 
 
 @dataclass
@@ -29,8 +29,8 @@ class PruningBenchmarkArguments:
         "help": "the pruned folders and benchmark.json go here (replaced)"})
     keep: str = field(default="0.75,0.5", metadata={"help": "comma-separated budgets (counts or ratios)"})
     variants: str = field(default="reap,frequency,merge", metadata={
-        "help": "comma-separated: reap | frequency | ean (pruning by that saliency) | merge (HC-SMoE, REAP "
-                "representatives)"})
+        "help": "comma-separated: reap | frequency | ean_sum | ean_mean (pruning by that saliency) | merge "
+                "(HC-SMoE)"})
     calibration: str | None = field(default=None, metadata={"help": "default: the embedded task mixture (train)"})
     calibration_samples: int = 64
     max_length: int = 256
@@ -105,7 +105,7 @@ def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
     rows = [_measure("unpruned", source.num_experts, source.folder, tokenizer, splits)]
     folders = [source.folder]
     for keep in args.keep.split(","):
-        count = keep_count(keep, source.num_experts)
+        count = keep_count(keep, source.num_experts, source.top_k, source.groups)
         for variant in args.variants.split(","):
             merge = variant == "merge"
             method = "reap" if merge else variant
