@@ -308,7 +308,8 @@ def test_switch_left_padded_generation_does_not_depend_on_the_amount_of_padding(
 # ------------------------------------------------------------------------------------------------ static cache, compile
 # Inductor needs about a minute of CPU per model on the 2-core CI machine, so the suite traces with dynamo's full
 # graph capture plus AOT autograd ("aot_eager": any graph break or data-dependent shape still fails) and
-# `HF_MOE_TEST_COMPILE_BACKEND=inductor` runs the same tests through inductor; `hf-moe benchmark-decode` always does.
+# `HF_MOE_TEST_COMPILE_BACKEND=inductor` runs the same tests through inductor; `hf-moe benchmark`'s decoding table
+# always does.
 COMPILE_BACKEND = os.environ.get("HF_MOE_TEST_COMPILE_BACKEND", "aot_eager")
 
 
@@ -332,3 +333,70 @@ def test_compiled_static_cache_greedy_generation_equals_eager(compiled_type):
         compiled = model.generate(ids, **settings, cache_implementation="static", compile_config=compile_config)
     assert hasattr(model, "_compiled_call")  # the decoding steps really ran compiled
     torch.testing.assert_close(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------------- sparse-block benchmark
+# `hf-moe benchmark`'s block table on tiny sizes: which rows and numbers it must produce, whatever the machine's speed.
+BENCHMARK_SIZES = dict(hidden_size=64, moe_intermediate_size=64, num_tokens=32, repeats=1, decode=False)
+BENCHMARK_ROWS = {  # block -> the references its row is timed against
+    "hf_moe top-2": ("dense", "mixtral"),
+    "hf_switch top-1, capacity 1.25": ("dense", "mixtral"),
+    "hf_mh_moe h=4, top-4 of 78, expert 24": ("dense",),
+    "hf_moe expert choice, c=2 (fwd: threshold rule; fwd+bwd: batch selection)": ("dense", "top_k"),
+}
+
+
+@pytest.fixture(scope="module")
+def block_benchmark_rows():
+    from hf_moe.recipes.benchmark_blocks import SparseBlockBenchmarkArguments, benchmark_sparse_blocks
+
+    return benchmark_sparse_blocks(SparseBlockBenchmarkArguments(**BENCHMARK_SIZES))
+
+
+def test_block_benchmark_has_a_row_per_block_with_positive_finite_times_and_ratios(block_benchmark_rows):
+    import math
+
+    assert [row["block"] for row in block_benchmark_rows] == list(BENCHMARK_ROWS)
+    for row, references in zip(block_benchmark_rows, BENCHMARK_ROWS.values(), strict=True):
+        modes = ("forward", "forward_backward")
+        timed = {f"{mode}_s" for mode in modes} | {f"{name}_{mode}{suffix}" for reference in references
+                                                   for mode in modes
+                                                   for name, suffix in ((reference, "_s"), (f"vs_{reference}", ""))}
+        compared = {"max_abs_difference_vs_mixtral"} if row["block"] == "hf_moe top-2" else set()
+        assert set(row) == {"block"} | timed | compared, row["block"]
+        assert all(math.isfinite(row[name]) and row[name] > 0 for name in timed), row
+
+
+def test_block_benchmark_top_k_block_gives_the_output_of_the_mixtral_block_it_is_timed_against(block_benchmark_rows):
+    # Same weights, same routing (softmax, top-2, renormalised): any difference would mean the comparison loaded the
+    # weights into the wrong places (the load is non-strict) or the two blocks compute different functions.
+    assert block_benchmark_rows[0]["max_abs_difference_vs_mixtral"] <= 1e-6
+
+
+def test_block_benchmark_ratios_are_medians_of_the_per_round_time_ratios(monkeypatch):
+    from hf_moe.recipes import benchmark_blocks
+
+    # Per-round seconds: the dense ratios are 3, 1 and 0.5 (median 1.0, while the ratio of the medians is 2.0);
+    # Mixtral, timed like the block in every round, must come out at exactly 1.
+    rounds = {"block": [3.0, 1.0, 2.0], "dense": [1.0, 1.0, 4.0], "mixtral": [3.0, 1.0, 2.0]}
+    monkeypatch.setattr(benchmark_blocks, "paired_median_seconds",
+                        lambda candidates, repeats: {name: rounds[name] for name in candidates})
+    arguments = benchmark_blocks.SparseBlockBenchmarkArguments(**{**BENCHMARK_SIZES, "repeats": 3}, blocks="hf_moe")
+    row = benchmark_blocks.benchmark_sparse_blocks(arguments)[0]
+    for mode in ("forward", "forward_backward"):
+        assert (row[f"{mode}_s"], row[f"dense_{mode}_s"], row[f"mixtral_{mode}_s"]) == (2.0, 1.0, 2.0)
+        assert (row[f"vs_dense_{mode}"], row[f"vs_mixtral_{mode}"]) == (1.0, 1.0)
+
+
+def test_block_benchmark_estimates_the_expert_choice_thresholds_before_timing_the_forward():
+    # The forward row times the causal threshold rule; without estimated thresholds it would time the top-k fallback.
+    from hf_moe.modeling import MoeConfig
+    from hf_moe.modeling.modeling_hf_moe import MoeSparseBlock
+    from hf_moe.recipes.benchmark_blocks import _estimate_thresholds, _randomize
+
+    config = MoeConfig(hidden_size=64, num_attention_heads=1, moe_intermediate_size=64, num_experts=8,
+                       experts_implementation="eager", router_type="expert_choice", expert_capacity_factor=2.0)
+    block = _randomize(MoeSparseBlock(config), seed=0)
+    _estimate_thresholds(block, torch.randn(1, 32, 64, generator=torch.Generator().manual_seed(0)))
+    assert block.gate.expert_choice_threshold_updates.item() == 3
+    assert (block.gate.expert_choice_threshold > 0).all()  # every expert's cutoff estimated

@@ -89,11 +89,23 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
 
 def _estimate_thresholds(block: nn.Module, hidden: torch.Tensor) -> None:
     """Training forwards of an expert-choice block on the benchmark's inputs, so that its inference threshold is
-    estimated (timed forwards then use the causal rule, not the never-trained fallback)."""
+    estimated (timed forwards then use the causal rule, not the never-trained fallback). With gradients enabled:
+    only a forward that trains moves the thresholds (`forward_trains`)."""
     block.train()
-    with torch.no_grad():
+    with torch.enable_grad():
         for _ in range(3):
             block(hidden)
+
+
+def _max_abs_difference(block: nn.Module, reference: nn.Module, hidden: torch.Tensor) -> float:
+    """Largest |Δ| between the eval-mode outputs of two blocks on the benchmark's inputs."""
+    outputs = []
+    for module in (block, reference):
+        module.eval()
+        with torch.no_grad():
+            output = module(hidden.clone())  # a copy: Mixtral's jitter scales its input in place
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+    return (outputs[0] - outputs[1]).abs().max().item()
 
 
 def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
@@ -121,7 +133,11 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
         return MoeMLP(moe_config, d, active_inner)
 
     expert_choice_config = MoeConfig(**shared, router_type="expert_choice", expert_capacity_factor=float(k))
-    cases = {  # name, block, references (same weights), inner size of the dense floor with the same active compute
+    # Each case: name, block, references (same weights), inner size of the dense floor with the same active compute.
+    # The top-k block and its Mixtral reference compute the same function (softmax, top-k, renormalised), so its
+    # row also reports their largest output difference; the other references route differently.
+    same_function = {"hf_moe": "mixtral"}
+    cases = {
         "hf_moe": lambda: (f"hf_moe top-{k}", MoeSparseBlock(moe_config), {"mixtral": mixtral(k)}, k * inner),
         "hf_switch": lambda: (f"hf_switch top-1, capacity {args.switch_capacity_factor}",
                               MoeSparseBlock(switch_config), {"mixtral": mixtral(1, switch_config.router_jitter_noise)},
@@ -148,6 +164,9 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
         if getattr(block.gate, "expert_choice", False):
             _estimate_thresholds(block, hidden)
         row = dict(block=name)
+        if case in same_function:
+            reference = same_function[case]
+            row[f"max_abs_difference_vs_{reference}"] = _max_abs_difference(block, candidates[reference], hidden)
         for mode, make in (("forward", _forward), ("forward_backward", _forward_backward)):
             seconds = paired_median_seconds({key: make(m, hidden) for key, m in candidates.items()}, args.repeats)
             row[f"{mode}_s"] = statistics.median(seconds["block"])
