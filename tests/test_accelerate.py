@@ -95,7 +95,7 @@ def test_ddp_finetune_matches_one_process_with_the_same_global_batch(tiny_upcycl
         assert ddp["loss"] == pytest.approx(one["loss"], abs=1e-5)
     # ExpertStatsCallback sums its counts over the processes: the logged load is the global load. The reference: one
     # process, micro-batches of 2 rows (the first step routes with the initial weights whatever the scope; the load
-    # counts real tokens only, and the entropy every row, so the rows are padded the same way).
+    # and the entropy count real tokens only, and the rows are padded the same way).
     first_step = _one_process_logs(tiny_upcycled, tmp_path / "ga2", per_device_train_batch_size=2,
                                    gradient_accumulation_steps=2, max_steps=1, save_steps=1)[0]
     keys = [key for key in first_step if key.endswith("_fraction") or key.endswith("router_entropy")]

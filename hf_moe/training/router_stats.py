@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, load_balancing_loss
+from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, forward_trains, load_balancing_loss
 from ..moe_layers import find_moe_layers, model_type
 
 
@@ -20,12 +20,6 @@ def is_per_layer_key(key: str) -> bool:
 
 
 LOSS_TERMS = ("lm_loss", "aux_loss", "z_loss", "sequence_aux_loss")  # the model's own terms (MoeCausalLMOutput)
-
-
-def forward_trains(module: nn.Module) -> bool:
-    """Whether a forward of `module` trains: train mode with gradients. RL trainers (TRL's GRPO, online DPO) generate
-    and score with the policy in train mode under `torch.no_grad()`; those forwards are not training."""
-    return module.training and torch.is_grad_enabled()
 
 
 def forward_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
