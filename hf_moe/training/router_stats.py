@@ -36,7 +36,8 @@ def forward_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def _one_mask(attention_mask):
-    """The mask itself, or of the per-layer-type dict `generate` may pass its full-attention mask, else its first."""
+    """`attention_mask`, or of the per-layer-type dict that `generate` may pass, the full-attention mask (else the
+    first)."""
     if isinstance(attention_mask, dict):
         return attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     return attention_mask
@@ -89,10 +90,10 @@ class RouterStatsRecorder:
     from its output; the load-balancing loss is the model's, not recomputed per router, since the model's carries what
     a recomputation would miss (the selection bias, the padding, global-batch counts, a family's own formula). Under
     TRL's fused LM head, whose output has none, an hf_moe model's is its `load_balancing_loss` over the routers'
-    outputs of the call (what `MoeSFTTrainer` adds). With `only_training` (the default) only
-    forwards that train count: train mode with gradients (`forward_trains`). Work per forward call is a handful of
-    reductions on the (tokens, E) router output, done without gradient. The load (assignments per expert) and the
-    dropped assignments count the tokens the attention mask marks real: padding does not load an expert.
+    outputs of the call (what `MoeSFTTrainer` adds). With `only_training` (the default) only forwards that train
+    count: train mode with gradients (`forward_trains`). Work per forward call is a handful of reductions on the
+    (tokens, E) router output, done without gradient. The load (assignments per expert), the dropped assignments, the
+    entropy and the z-loss count the tokens the attention mask marks real (`real_tokens`): padding loads no expert.
 
     The load since the last `end_step()` is also kept per optimizer step on the routers' device (no host sync):
     `end_step()` returns it, and `summary()` averages the MaxVio of each step's load (the paper's MaxVio_batch) when
@@ -210,8 +211,9 @@ class RouterStatsRecorder:
         totals["assignments"] += counted.sum().item()
         totals["dropped"] += ((weights.reshape(-1) == 0).float() * counted).sum().item()
         self._record_router_terms(totals, logits, real_rows)
-        if self.computes_model_aux_loss:
-            self.call_aux_losses.append(load_balancing_loss((logits,), top_k, self.attention_mask, self.num_subtokens,
+        if self.computes_model_aux_loss:  # padding as the loads count it (every row when the mask does not fit)
+            mask = self.attention_mask if row_mask is not None else None
+            self.call_aux_losses.append(load_balancing_loss((logits,), top_k, mask, self.num_subtokens,
                                                             selection_biases=(selection_bias,)))
         if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
             per_token = index.reshape(rows // self.num_subtokens, -1).sort(dim=-1).values  # (tokens, h * k)
