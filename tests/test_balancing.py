@@ -238,6 +238,35 @@ def test_a_skipped_step_moves_no_bias_and_its_loads_do_not_carry_over(tmp_path, 
     assert any(not torch.equal(a, b) for a, b in zip(capture.biases[2], capture.biases[1], strict=True))
 
 
+class _ThresholdsAfterEachStep(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.steps.append([(layer.router.expert_choice_threshold.clone(),
+                            layer.router.expert_choice_threshold_updates.item()) for layer in find_moe_layers(model)])
+
+
+def test_a_skipped_step_leaves_the_expert_choice_thresholds_as_they_were(tmp_path):
+    from hf_moe.training import NonFiniteGuardCallback
+
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_type="expert_choice"))
+    thresholds, poison = _ThresholdsAfterEachStep(), _NanGradientAtStep(model, step=2)
+    trainer = add_moe_callbacks(Trainer(model=model, args=_args(tmp_path), train_dataset=_padded_rows(16)),
+                                NonFiniteGuardCallback())
+    trainer.add_callback(thresholds)
+    trainer.add_callback(poison)
+    trainer.train()
+
+    first, skipped, third = thresholds.steps[:3]
+    # Step 2's two forwards estimated the thresholds, then its gradients were found non-finite: all undone.
+    assert {updates for _, updates in first} == {updates for _, updates in skipped} == {2}  # 2 micro-batches a step
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, skipped, strict=True))
+    # The next step trained and estimated them again.
+    assert {updates for _, updates in third} == {4}
+    assert all(not torch.equal(a, b) for (a, _), (b, _) in zip(skipped, third, strict=True))
+
+
 def _bias_after_steps(tmp_path, batch: int, accumulation: int) -> list[torch.Tensor]:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", vocab_size=64, router_bias_update_rate=0.05,

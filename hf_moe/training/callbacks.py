@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import DefaultFlowCallback, PrinterCallback, ProgressCallback, Trainer, TrainerCallback
 
+from ..moe_layers import find_moe_layers
 from .heatmap import save_load_heatmap
 from .optimizer_step import OptimizerStepCallback
 from .router_stats import LOSS_TERMS, RouterStatsRecorder, is_per_layer_key
@@ -260,10 +261,12 @@ class NonFiniteGuardCallback(_MoeLogCallback):
     """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
     after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
 
-    A skipped step changes no weight and no optimizer state: the optimizer's `step` is not run for it. The other
-    callbacks learn of it through [`optimizer_step_skipped`] (`AuxLossFreeBalancingCallback` then moves no selection
-    bias). Skips are counted and logged (`moe/nonfinite_skipped_steps`). On the N-th consecutive skip the callback sets
-    `rollback_requested` and stops training; [`train_with_rollback`] then resumes from the last checkpoint with a
+    A skipped step changes no weight and no optimizer state: the optimizer's `step` is not run for it. The routers'
+    buffers that training forwards update (the expert-choice thresholds and their update counts) are put back to
+    their values at the step's start. The other callbacks learn of it through [`optimizer_step_skipped`]
+    (`AuxLossFreeBalancingCallback` then moves no selection bias). Skips are counted and logged
+    (`moe/nonfinite_skipped_steps`). On the N-th consecutive skip the callback sets `rollback_requested` and stops
+    training; [`train_with_rollback`] then resumes from the last checkpoint with a
     reshuffled data order.
     """
 
@@ -275,6 +278,13 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         self.consecutive = 0
         self.rollback_requested = False
         self.rollbacks = 0
+        self.router_buffers_at_step_start: dict[str, torch.Tensor] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        # Once per optimizer step, before its first micro-batch: a handful of (E,) tensors per sparse layer.
+        self.router_buffers_at_step_start = {
+            f"{layer.router_name}.{name}": buffer.detach().clone()
+            for layer in find_moe_layers(model, warn=False) for name, buffer in layer.router.named_buffers()}
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         finite = all_gradients_finite(model)  # the same on every process: DDP has all-reduced the gradients
@@ -282,6 +292,10 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         if finite:
             self.consecutive = 0
             return
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in self.router_buffers_at_step_start.items():
+                buffers[name].copy_(value)
         self.skipped_steps += 1
         self.consecutive += 1
         logger.warning("non-finite gradients at step %d: optimizer step skipped (%d in a row)",
