@@ -9,8 +9,8 @@ import importlib
 # Public name -> the submodule that defines it.
 _PUBLIC = {
     **dict.fromkeys(["AuxLossFreeBalancingCallback", "SelectionBiasBalancer"], ".balancing"),
-    **dict.fromkeys(["ExpertStatsCallback", "NonFiniteGuardCallback", "add_moe_callbacks", "all_gradients_finite"],
-                    ".callbacks"),
+    **dict.fromkeys(["ExpertStatsCallback", "NonFiniteGuardCallback", "add_moe_callbacks", "all_gradients_finite",
+                     "optimizer_step_skipped"], ".callbacks"),
     "freeze_moe": ".freezing",
     "OptimizerStepCallback": ".optimizer_step",
     "train_with_rollback": ".rollback",

@@ -76,11 +76,12 @@ class SelectionBiasBalancer:
         self.frozen_layers = [layer.index for layer in biased if not router_is_trainable(model, layer)]
         self.layers = [layer for layer in biased if layer.index not in self.frozen_layers]
         self.has_selection_bias = bool(biased)
-        # Gradient checkpointing recomputes the routers in backward and counts each step twice: every count doubles
-        # alike, which changes neither sign(mean - load) nor MaxVio.
+        # Gradient checkpointing may count a step's routers twice (a forward with gradients, then its recomputation
+        # in backward): every count doubles alike, which changes neither sign(mean - load) nor MaxVio.
         self.recorder = RouterStatsRecorder(model, only_training=True, loads_only=True) if self.layers else None
         dtypes = {selection_bias(model, layer).dtype for layer in self.layers} - {torch.float32}
-        if dtypes:  # `from_pretrained(dtype=...)` keeps buffers in float32; `model.to(dtype)` casts them
+        if dtypes:  # hf_moe routers keep it in float32 even through `model.to(dtype)`; other families'
+            # `model.to(dtype)` casts it
             logger.warning("the selection biases are stored in %s: steps of gamma=%g are rounded to that precision; "
                            "keep them in float32", ", ".join(map(str, dtypes)), self.update_rate)
 
