@@ -173,7 +173,9 @@ def _benchmark_pruning(args) -> Report:
 
 def _check(args) -> Report:
     from .hub import check_folder
+    from .hub.check import require_folder
 
+    require_folder(args.folder)  # one error line, not a one-row report of it
     problems = check_folder(args.folder, load=not args.skip_load_check)
     rows = [{"severity": problem.severity, "problem": problem.message} for problem in problems]
     errors = sum(problem.severity == "error" for problem in problems)
@@ -352,7 +354,10 @@ def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
     parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {command}",
                               description=f"hf-moe {__version__} {command}: {help_text}")
     options = _with_positionals(argv[1:], POSITIONALS.get(command, ()))
-    arguments = parser.parse_args_into_dataclasses(args=options)
+    *arguments, unrecognized = parser.parse_args_into_dataclasses(args=options, return_remaining_strings=True)
+    if unrecognized:  # HfArgumentParser's own message names the parser class, not the command
+        raise ValueError(f"unrecognized arguments: {' '.join(unrecognized)} (`hf-moe {command} --help` lists the "
+                         "options)")
     return run, list(arguments[:len(arguments_classes)])
 
 

@@ -47,7 +47,7 @@ def table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
     cells = [[_cut(format_value(row.get(key))) for key in columns] for row in rows]
     numeric = [all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool) for row in rows)
                for key in columns]
-    widths = [max(len(heading), *(len(line[i]) for line in cells)) for i, heading in enumerate(columns.values())]
+    widths = [max([len(heading), *(len(line[i]) for line in cells)]) for i, heading in enumerate(columns.values())]
 
     def line(values):
         return "  ".join(value.rjust(width) if right else value.ljust(width)

@@ -286,3 +286,94 @@ def test_finetune_with_a_missing_model_folder_names_it_before_loading_anything(t
     assert stderr.splitlines() == [
         f"hf-moe finetune: error: `model_path`={str(model)!r}: no such folder; expected a model folder (config.json, "
         "weights and tokenizer) or a Hub model id (owner/name)"]
+
+
+def test_an_unknown_option_is_one_error_line_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["benchmark-stats", "--bogus", "1", "--repeats", "2"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hf-moe benchmark-stats: error: unrecognized arguments: --bogus 1 (`hf-moe benchmark-stats --help` lists the "
+        "options)"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--freeze", "bogus"], "`freeze`='bogus' is invalid: choose one of ('router', 'experts', 'moe')"),
+    (["--router_aux_loss_scope", "bogus"],
+     "`router_aux_loss_scope`='bogus' is invalid: choose one of ('micro_batch', 'global_batch')"),
+    (["--lora_r", "2", "--lora_targets", "bogus"],
+     "`lora_targets`='bogus' is invalid: give a comma-separated subset of ('attention', 'experts', 'router')"),
+    (["--load_in_4bit"],
+     "`load_in_4bit` needs LoRA adapters to train (a 4-bit base is frozen): pass `lora_r` > 0"),
+    (["--lora_r", "-1"], "`lora_r`=-1 is invalid: 0 (train the full model) or a positive LoRA rank"),
+])
+def test_finetune_rejects_an_invalid_option_value_before_loading_anything(dense_with_tokenizer, tmp_path, monkeypatch,
+                                                                          capsys, options, message):
+    status, stderr, loaded = _finetune_without_loading(monkeypatch, capsys, [
+        str(dense_with_tokenizer), "--output_dir", str(tmp_path / "run"), *options])
+    assert (status, loaded) == (2, [])
+    assert stderr.splitlines() == [f"hf-moe finetune: error: {message}"]
+
+
+def test_finetune_reads_its_data_before_loading_the_model(dense_with_tokenizer, tmp_path, monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, stderr, loaded = _finetune_without_loading(monkeypatch, capsys, [
+        str(dense_with_tokenizer), "--dataset", str(empty), "--output_dir", str(tmp_path / "run")])
+    assert (status, loaded) == (2, [])
+    assert stderr.splitlines() == [f"hf-moe finetune: error: The directory at {empty} doesn't contain any data files"]
+
+
+def test_evaluate_with_a_missing_model_folder_names_it_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def loader(*args, **kwargs):
+        raise AssertionError("a loader ran")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loader)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", loader)
+    model = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", str(model)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-moe evaluate: error: `model_path`={str(model)!r}: no such folder; expected a model folder (config.json, "
+        "weights and tokenizer) or a Hub model id (owner/name)"]
+
+
+@pytest.mark.parametrize("option", ["--eval_per_family", "--max_new_tokens"])
+def test_evaluate_rejects_a_count_below_1(option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["evaluate", "some/model", option, "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-moe evaluate: error: `{option[2:]}`=0 is invalid: a positive integer is required"]
+
+
+def test_a_table_without_rows_is_its_header():
+    assert table([], {"family": "family", "exact_match": "exact match"}).splitlines() == [
+        "family  exact match", "------  -----------"]
+
+
+@pytest.mark.parametrize("command, options, message", [
+    ("benchmark", ["--dtype", "float8"], "`dtype`='float8' is invalid: choose float32 or bfloat16"),
+    ("benchmark", ["--repeats", "0"], "`repeats`=0 is invalid: a positive integer is required"),
+    ("benchmark", ["--decode_new_tokens", "0"], "`decode_new_tokens`=0 is invalid: a positive integer is required"),
+    ("benchmark-stats", ["--repeats", "0"], "`repeats`=0 is invalid: a positive integer is required"),
+])
+def test_block_benchmarks_reject_invalid_values_when_parsing(command, options, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, *options])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"hf-moe {command}: error: {message}"]
+
+
+@pytest.mark.parametrize("command", ["check", "publish"])
+def test_check_and_publish_of_a_missing_folder_say_so_once(command, tmp_path, capsys):
+    folder = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, str(folder), *(["acme/x", "--dry-run"] if command == "publish" else [])])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert (captured.out, captured.err.splitlines()) == (
+        "", [f"hf-moe {command}: error: {folder}: no such folder; expected a model folder written by hf_moe"])

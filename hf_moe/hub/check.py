@@ -145,8 +145,10 @@ def check_folder(folder: str | Path, load: bool = True) -> list[Problem]:
     ```
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        return [Problem("error", f"{folder}: not a folder")]
+    try:
+        require_folder(folder)
+    except OSError as error:
+        return [Problem("error", str(error))]
     config, problems = _check_config(folder)
     problems += _check_code_files(folder) + _check_weights(folder) + _check_paths(folder, config)
     problems += _check_card(folder)
@@ -155,8 +157,17 @@ def check_folder(folder: str | Path, load: bool = True) -> list[Problem]:
     return problems
 
 
+def require_folder(folder: str | Path) -> None:
+    """Raise `FileNotFoundError` / `NotADirectoryError` unless `folder` is an existing folder."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder; expected a model folder written by hf_moe")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: not a folder; expected a model folder written by hf_moe")
+
+
 def raise_for_problems(folder: str | Path, problems: list[Problem]) -> None:
-    """Raise `FolderCheckError` listing the errors among `problems` (warnings pass)."""
-    errors = [str(problem) for problem in problems if problem.severity == "error"]
+    """Raise `FolderCheckError` listing the errors among `problems` (warnings pass) on one line."""
+    errors = [problem.message for problem in problems if problem.severity == "error"]
     if errors:
-        raise FolderCheckError(f"{folder} is not ready to publish:\n" + "\n".join(errors))
+        raise FolderCheckError(f"{folder} is not ready to publish: " + "; ".join(errors))

@@ -10,7 +10,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ..checkpoints.names import CODE_FILES, TOKENIZER_FILES
 from .card import with_model_id
-from .check import check_folder, raise_for_problems
+from .check import check_folder, raise_for_problems, require_folder
 
 # Root-level files of a model repo; everything else (training_args.bin, optimizer / scheduler / rng states,
 # checkpoint-*/, runs/, expert_load/ except the images the card shows) stays local.
@@ -91,6 +91,7 @@ def publish(folder: str | Path, repo_id: str, *, private: bool = False, revision
     ```
     """
     folder = Path(folder)
+    require_folder(folder)
     validate_model_repo_id(repo_id)
     token = token or get_token()
     if token is None and not dry_run:

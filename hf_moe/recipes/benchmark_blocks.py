@@ -39,6 +39,19 @@ class SparseBlockBenchmarkArguments:
     decode_new_tokens: int = field(default=32, metadata={"help": "tokens generated per decoding round"})
     decode_model_types: str = field(default=",".join(HF_MOE_MODEL_TYPES), metadata={"help": "comma-separated"})
 
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"`dtype`={self.dtype!r} is invalid: choose float32 or bfloat16")
+        _require_positive(self, "hidden_size", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                          "num_tokens", "num_moe_heads", "repeats", "decode_new_tokens")
+
+
+def _require_positive(arguments, *names: str) -> None:
+    """At parsing: a count of 0 would otherwise fail deep in a run (e.g. `repeats`=0: a median of nothing)."""
+    for name in names:
+        if getattr(arguments, name) < 1:
+            raise ValueError(f"`{name}`={getattr(arguments, name)!r} is invalid: a positive integer is required")
+
 
 def paired_median_seconds(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Time every candidate once per round, `repeats` rounds, after one warm-up round.
@@ -207,6 +220,10 @@ class StatsOverheadArguments:
     repeats: int = 7
     seed: int = 0
 
+    def __post_init__(self):
+        _require_positive(self, "hidden_size", "num_hidden_layers", "num_experts", "vocab_size", "batch_size",
+                          "sequence_length", "repeats")
+
 
 def benchmark_stats_overhead(args: StatsOverheadArguments) -> dict:
     """Training-step time with and without the expert-statistics hooks (summary read every step: the worst case).
@@ -257,6 +274,10 @@ class DecodeBenchmarkArguments:
     repeats: int = field(default=5, metadata={"help": "timed rounds; the median is reported"})
     model_types: str = field(default=",".join(HF_MOE_MODEL_TYPES), metadata={"help": "comma-separated"})
     seed: int = 0
+
+    def __post_init__(self):
+        _require_positive(self, "hidden_size", "num_hidden_layers", "num_experts", "moe_intermediate_size",
+                          "vocab_size", "batch_size", "prompt_length", "new_tokens", "repeats")
 
 
 def _decode_config(model_type: str, args: DecodeBenchmarkArguments):

@@ -11,6 +11,7 @@ import evaluate
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..checkpoints.names import is_hub_id_shaped
 from ..data import build_mixture
 from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
 from ..expert_choice import ExpertChoiceGapRecorder, expert_choice_routers
@@ -29,6 +30,19 @@ class EvaluateArguments:
         "help": "as in finetune: the validation prompts are drawn disjoint from that many training prompts"})
     max_new_tokens: int = 12
     seed: int = 0
+
+    def __post_init__(self):
+        for name in ("eval_per_family", "train_per_family", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}`={getattr(self, name)!r} is invalid: a positive integer is required")
+
+
+def check_model_path(model_path: str) -> None:
+    """Raise `FileNotFoundError` naming `model_path` when it is neither an existing path nor shaped like a Hub id,
+    before anything tries to load it (transformers would say the path is a malformed repo id)."""
+    if not Path(model_path).exists() and not is_hub_id_shaped(model_path):
+        raise FileNotFoundError(f"`model_path`={model_path!r}: no such folder; expected a model folder (config.json, "
+                                "weights and tokenizer) or a Hub model id (owner/name)")
 
 
 def _chat_prompt_ids(tokenizer, messages: list[dict]) -> torch.Tensor:
@@ -139,6 +153,7 @@ def _specialisation(family_loads: dict, recorder: RouterStatsRecorder, report_di
 
 
 def run_evaluate(args: EvaluateArguments) -> dict:
+    check_model_path(args.model_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=args.seed)

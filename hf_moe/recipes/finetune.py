@@ -14,17 +14,21 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..checkpoints.names import is_hub_id_shaped
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card
+from ..modeling.configuration_hf_moe import ROUTER_AUX_LOSS_SCOPES
 from ..moe_layers import find_moe_layers
 from ..training.balancing import AuxLossFreeBalancingCallback, no_selection_bias_message
 from ..training.callbacks import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
-from ..training.freezing import freeze_moe
+from ..training.freezing import FREEZE_TARGETS, freeze_moe
 from ..training.optimizer_step import OptimizerStepCallback
 from ..training.rollback import train_with_rollback
+from .evaluate import check_model_path
 
 logger = logging.getLogger(__name__)
+LOAD_IN_4BIT_NEEDS_LORA = "`load_in_4bit` needs LoRA adapters to train (a 4-bit base is frozen): pass `lora_r` > 0"
 
 
 @dataclass
@@ -58,33 +62,40 @@ class FinetuneArguments:
     lora_alpha: int | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 * lora_r)"})
 
     def __post_init__(self):
+        # At parsing, so that a wrong value or a malformed file is one line before any model loads.
+        if self.freeze is not None and self.freeze not in FREEZE_TARGETS:
+            raise ValueError(f"`freeze`={self.freeze!r} is invalid: choose one of {FREEZE_TARGETS}")
+        if self.router_aux_loss_scope is not None and self.router_aux_loss_scope not in ROUTER_AUX_LOSS_SCOPES:
+            raise ValueError(f"`router_aux_loss_scope`={self.router_aux_loss_scope!r} is invalid: choose one of "
+                             f"{ROUTER_AUX_LOSS_SCOPES}")
+        if self.lora_r < 0:
+            raise ValueError(f"`lora_r`={self.lora_r} is invalid: 0 (train the full model) or a positive LoRA rank")
+        if self.load_in_4bit and self.lora_r == 0:
+            raise ValueError(LOAD_IN_4BIT_NEEDS_LORA)
+        if self.lora_r > 0:
+            from ..quantization.lora import parse_lora_targets  # peft itself is imported only when adapters attach
+
+            parse_lora_targets(self.lora_targets)
         dataset = Path(self.dataset) if self.dataset else None
         if dataset is not None and dataset.suffix in (".json", ".jsonl") and dataset.is_file():
-            check_json_rows(dataset)  # at parsing, so a malformed file is one line before any model loads
+            check_json_rows(dataset)
 
     def check_paths(self, model: bool = True) -> None:
         """Raise, naming the path and what is expected, if `dataset` (or, with `model`, `model_path`) is a local path
         that does not exist or cannot be read. `build_trainer` runs it before anything loads (a model takes GBs and
         minutes); a name that could be a Hub id is left to the Hub."""
-        if model and not Path(self.model_path).exists() and not _could_be_hub_id(self.model_path):
-            raise FileNotFoundError(f"`model_path`={self.model_path!r}: no such folder; expected a model folder "
-                                    "(config.json, weights and tokenizer) or a Hub model id (owner/name)")
+        if model:
+            check_model_path(self.model_path)
         if not self.dataset:
             return
         dataset = Path(self.dataset)
         if not dataset.exists():
-            if dataset.suffix in (".json", ".jsonl") or not _could_be_hub_id(self.dataset):
+            if dataset.suffix in (".json", ".jsonl") or not is_hub_id_shaped(self.dataset):
                 raise FileNotFoundError(f"`dataset`={self.dataset!r}: no such file or folder; expected a .json or "
                                         ".jsonl file of rows (instruction + response, or messages), a `datasets` "
                                         "folder, or a Hub dataset id (owner/name)")
         elif not os.access(dataset, os.R_OK):
             raise PermissionError(f"`dataset`={self.dataset!r}: not readable by this user")
-
-
-def _could_be_hub_id(name: str) -> bool:
-    """Whether a path that does not exist here could name a Hub repo (`name` or `owner/name`), rather than be a
-    mistyped local path (`./data`, `/data/x`, `runs/a/b`)."""
-    return name.count("/") <= 1 and not name.startswith((".", "/", "~"))
 
 
 @dataclass
@@ -109,15 +120,19 @@ class FinetuneTrainingArguments(TrainingArguments):
     use_cpu: bool = not torch.cuda.is_available()
 
 
-def tokenized_splits(args: FinetuneArguments, tokenizer, seed: int = 0):
-    """(train, eval) tokenised datasets: the embedded mixture's train/validation, or the user's dataset."""
+def instruction_splits(args: FinetuneArguments, seed: int = 0):
+    """(train, eval) datasets of `messages` rows: the embedded mixture's train/validation, or the user's dataset."""
     if args.dataset is None:
         mixture = build_mixture(args.train_per_family, args.eval_per_family, seed=seed)
-        train, evaluation = mixture["train"], mixture["validation"]
-    else:
-        train = load_instruction_dataset(args.dataset)
-        split = train.train_test_split(test_size=min(0.05, 200 / max(len(train), 1)), seed=seed)
-        train, evaluation = split["train"], split["test"]
+        return mixture["train"], mixture["validation"]
+    train = load_instruction_dataset(args.dataset)
+    split = train.train_test_split(test_size=min(0.05, 200 / max(len(train), 1)), seed=seed)
+    return split["train"], split["test"]
+
+
+def tokenized_splits(args: FinetuneArguments, tokenizer, seed: int = 0, splits=None):
+    """(train, eval) tokenised datasets of `splits` (default: `instruction_splits(args, seed)`)."""
+    train, evaluation = splits or instruction_splits(args, seed)
 
     def tokenize(row):
         return tokenize_for_sft(tokenizer, row["messages"], args.max_length)
@@ -130,6 +145,7 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
                   extra_callbacks=()) -> Trainer:
     """A stock Trainer set up for MoE instruction tuning (also used by the tests)."""
     args.check_paths(model=model is None or tokenizer is None)
+    splits = instruction_splits(args, training_args.seed)  # read before the model: a data error is found in seconds
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(args.model_path)
     ensure_chat_template(tokenizer)
     if tokenizer.pad_token is None:
@@ -151,7 +167,7 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
     update_rate = _set_up_selection_bias(model, args.router_bias_update_rate)
     if args.freeze:
         logger.info("froze %d parameters (%s)", freeze_moe(model, args.freeze), args.freeze)
-    train, evaluation = tokenized_splits(args, tokenizer, training_args.seed)
+    train, evaluation = tokenized_splits(args, tokenizer, splits=splits)
     callbacks = [NonFiniteGuardCallback(args.nonfinite_max_consecutive)]
     if find_moe_layers(model, warn=True):
         callbacks[:0] = [ExpertStatsCallback(), OptimizerStepCallback()]
@@ -201,7 +217,7 @@ def load_for_finetuning(model_path: str, load_in_4bit: bool = False, lora_r: int
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if load_in_4bit and lora_r <= 0:
-        raise ValueError("`load_in_4bit` needs LoRA adapters to train (a 4-bit base is frozen): pass `lora_r` > 0")
+        raise ValueError(LOAD_IN_4BIT_NEEDS_LORA)
     quantization_config = None
     if load_in_4bit:
         quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
