@@ -9,10 +9,10 @@ import importlib
 # Public name -> the submodule that defines it.
 _PUBLIC = {
     **dict.fromkeys(["AuxLossFreeBalancingCallback", "SelectionBiasBalancer"], ".balancing"),
-    **dict.fromkeys(["ExpertStatsCallback", "NonFiniteGuardCallback", "add_moe_callbacks", "all_gradients_finite",
-                     "optimizer_step_skipped"], ".callbacks"),
+    **dict.fromkeys(["ExpertStatsCallback", "NonFiniteGuardCallback", "add_moe_callbacks", "all_gradients_finite"],
+                    ".callbacks"),
     "freeze_moe": ".freezing",
-    "OptimizerStepCallback": ".optimizer_step",
+    **dict.fromkeys(["OptimizerStepCallback", "optimizer_step_skipped"], ".optimizer_step"),
     "train_with_rollback": ".rollback",
     "RouterStatsRecorder": ".router_stats",
     **dict.fromkeys(["find_routers", "find_moe_layers"], "..moe_layers"),

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..moe_layers import SELECTION_BIAS, MoeLayer, find_moe_layers, model_type, selection_bias
-from .callbacks import optimizer_step_skipped
+from .optimizer_step import optimizer_step_skipped
 from .router_stats import RouterStatsRecorder
 
 logger = logging.getLogger(__name__)

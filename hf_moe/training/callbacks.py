@@ -8,7 +8,7 @@ from transformers import DefaultFlowCallback, PrinterCallback, ProgressCallback,
 
 from ..moe_layers import find_moe_layers
 from .heatmap import save_load_heatmap
-from .optimizer_step import OptimizerStepCallback
+from .optimizer_step import OptimizerStepCallback, mark_optimizer_step_skipped
 from .router_stats import LOSS_TERMS, RouterStatsRecorder, is_per_layer_key
 from .zero3 import set_zero3_leaf_sparse_blocks
 
@@ -240,23 +240,6 @@ def _sum_step_loads_over_processes(recorder: RouterStatsRecorder, device: torch.
     recorder.step_history = [{layer: next(chunks) for layer in layers} for _ in recorder.step_history]
 
 
-# The TrainerState attribute in which NonFiniteGuardCallback marks whether it skipped the current optimizer step. The
-# state is the one object every callback event gets (callbacks are not handed each other); it is not a dataclass
-# field, so it is not saved with the checkpoint's trainer_state.json.
-_STEP_SKIPPED = "moe_optimizer_step_skipped"
-
-
-def optimizer_step_skipped(state) -> bool:
-    """Whether [`NonFiniteGuardCallback`] skipped the current optimizer step (non-finite gradients): a callback that
-    moves training state at the end of a step (the selection biases, ...) must leave it alone then.
-
-    The guard decides in `on_pre_optimizer_step`, which the Trainer runs for every callback before any callback's
-    `on_optimizer_step` or `on_step_end`: read it there, and the order of the callbacks does not matter. False
-    without a guard.
-    """
-    return getattr(state, _STEP_SKIPPED, False)
-
-
 class NonFiniteGuardCallback(_MoeLogCallback):
     """Skips optimizer steps whose gradients contain NaN or Inf (GLaM: skip such batches) and asks for a rollback
     after `max_consecutive` of them in a row (GLaM: restart from an earlier checkpoint).
@@ -288,7 +271,7 @@ class NonFiniteGuardCallback(_MoeLogCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         finite = all_gradients_finite(model)  # the same on every process: DDP has all-reduced the gradients
-        setattr(state, _STEP_SKIPPED, not finite)
+        mark_optimizer_step_skipped(state, not finite)
         if finite:
             self.consecutive = 0
             return

@@ -80,3 +80,25 @@ class OptimizerStepCallback(TrainerCallback):
             for module in models:
                 module.end_optimizer_steps()
             self._restore = None
+
+
+# The TrainerState attribute in which NonFiniteGuardCallback marks whether it skipped the current optimizer step. The
+# state is the one object every callback event gets (callbacks are not handed each other); it is not a dataclass
+# field, so it is not saved with the checkpoint's trainer_state.json.
+_STEP_SKIPPED = "moe_optimizer_step_skipped"
+
+
+def optimizer_step_skipped(state) -> bool:
+    """Whether [`NonFiniteGuardCallback`] skipped the current optimizer step (non-finite gradients): a callback that
+    moves training state at the end of a step (the selection biases, ...) must leave it alone then.
+
+    The guard decides in `on_pre_optimizer_step`, which the Trainer runs for every callback before any callback's
+    `on_optimizer_step` or `on_step_end`: read it there, and the order of the callbacks does not matter. False
+    without a guard.
+    """
+    return getattr(state, _STEP_SKIPPED, False)
+
+
+def mark_optimizer_step_skipped(state, skipped: bool) -> None:
+    """Set what [`optimizer_step_skipped`] reads (NonFiniteGuardCallback, in `on_pre_optimizer_step`)."""
+    setattr(state, _STEP_SKIPPED, skipped)
