@@ -7,7 +7,8 @@ use (PEP 562): the configs without transformers' modeling stack, the models with
 
 import importlib
 
-_CONFIGURATION = ("MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config")
+_CONFIGURATION = ("MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config", "TOP_K_ROUTING",
+                  "EXPERT_CHOICE_ROUTING")
 _MODELING = ("MODEL_CLASSES", "MoeModel", "MoeForCausalLM", "MoeForSequenceClassification", "SwitchModel",
              "SwitchForCausalLM", "SwitchForSequenceClassification", "MHMoeModel", "MHMoeForCausalLM",
              "MHMoeForSequenceClassification", "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss",

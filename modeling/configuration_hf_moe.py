@@ -15,6 +15,11 @@ ROUTER_TYPES = ("softmax_topk", "noisy_topk", "expert_choice")
 EXPERT_CHOICE_GROUPS = ("batch", "sequence")
 EXPERT_CHOICE_EVAL_RULES = ("threshold", "batch")
 ROUTER_AUX_LOSS_SCOPES = ("micro_batch", "global_batch")
+# What a router's outputs mean, read by every consumer that must tell the two apart (`MoeConfig.routing_kind`, the
+# routers' `routing_kind`): token choice returns `(logits, top_k_weights, top_k_index)`, expert choice
+# `(logits, weights (tokens, E), selected (tokens, E))`.
+TOP_K_ROUTING = "top_k"
+EXPERT_CHOICE_ROUTING = "expert_choice"
 
 # Parallel plans by part of the model; `MoeConfig.base_model_tp_plan` / `base_model_ep_plan` combine the parts that a
 # config's layers have. Names and styles are those of transformers' Qwen2-MoE plans.
@@ -322,6 +327,11 @@ class MoeConfig(PreTrainedConfig):
                      f"{allowed} or use a token-choice `router_type`")
 
     @property
+    def routing_kind(self) -> str:
+        """`EXPERT_CHOICE_ROUTING` when the experts choose their tokens, else `TOP_K_ROUTING` (top-k and Switch)."""
+        return EXPERT_CHOICE_ROUTING if self.router_type == "expert_choice" else TOP_K_ROUTING
+
+    @property
     def sparse_layer_indices(self) -> list[int]:
         """Indices of the layers whose MLP is a sparse block."""
         if self.sparse_layers is not None:
@@ -461,4 +471,5 @@ def mh_moe_matched_config(config: MoeConfig, num_moe_heads: int, num_experts_per
     return MHMoeConfig(**fields)
 
 
-__all__ = ["MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config"]
+__all__ = ["MoeConfig", "SwitchConfig", "MHMoeConfig", "mh_moe_matched_config", "TOP_K_ROUTING",
+           "EXPERT_CHOICE_ROUTING"]

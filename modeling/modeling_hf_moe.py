@@ -33,7 +33,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
+from .configuration_hf_moe import EXPERT_CHOICE_ROUTING, MHMoeConfig, MoeConfig, SwitchConfig
 
 logger = logging.get_logger(__name__)
 
@@ -284,7 +284,8 @@ class MoeTopKRouter(nn.Module):
         self.register_buffer("e_score_correction_bias", None)  # a slot: saved once it holds a tensor
         if config.router_bias_update_rate > 0:
             self.add_selection_bias()
-        self.expert_choice = config.router_type == "expert_choice"
+        self.routing_kind = config.routing_kind
+        self.expert_choice = self.routing_kind == EXPERT_CHOICE_ROUTING
         if self.expert_choice:
             self.expert_capacity_factor = config.expert_capacity_factor
             self.group_by_sequence = config.expert_choice_group == "sequence"
