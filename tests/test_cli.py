@@ -377,3 +377,119 @@ def test_check_and_publish_of_a_missing_folder_say_so_once(command, tmp_path, ca
     assert exit_info.value.code == 2
     assert (captured.out, captured.err.splitlines()) == (
         "", [f"hf-moe {command}: error: {folder}: no such folder; expected a model folder written by hf_moe"])
+
+
+@pytest.mark.parametrize("model_types", ["bogus", "hf_moe,bogus", ""])
+def test_demo_rejects_an_unknown_model_type_naming_only_the_hf_moe_types(model_types, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo", "--model_types", model_types, "--output_dir", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-moe demo: error: `model_types`={model_types!r} is invalid: give a comma-separated subset of "
+        "('hf_moe', 'hf_switch', 'hf_mh_moe')"]
+
+
+def _fail_if_called(name):
+    def loader(*args, **kwargs):
+        raise AssertionError(f"{name} ran")
+    return loader
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--num_experts", "0"], "`num_experts`=0 is invalid: choose 2 or more (the upcycled hf_moe routes each token "
+                             "to its top 2 experts)"),
+    (["--num_experts", "1"], "`num_experts`=1 is invalid: choose 2 or more (the upcycled hf_moe routes each token "
+                             "to its top 2 experts)"),
+    (["--max_steps", "0"], "`max_steps`=0 is invalid: a positive integer is required"),
+    (["--per_device_train_batch_size", "0"],
+     "`per_device_train_batch_size`=0 is invalid: a positive integer is required"),
+    (["--train_per_family", "-1"], "`train_per_family`=-1 is invalid: a positive integer is required"),
+    (["--eval_per_family", "0"], "`eval_per_family`=0 is invalid: a positive integer is required"),
+])
+def test_replicate_rejects_an_invalid_count_before_loading_anything(options, message, tmp_path, monkeypatch, capsys):
+    from hf_moe.recipes import replicate
+
+    for name in ("open_dense_checkpoint", "upcycle", "run_finetune", "run_evaluate"):
+        monkeypatch.setattr(replicate, name, _fail_if_called(name))
+    output = tmp_path / "replication"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["replicate", "--output_dir", str(output), *options])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"hf-moe replicate: error: {message}"]
+    assert not output.exists()
+
+
+def _benchmark_without_measuring(command, workdir, tmp_path, monkeypatch) -> list[Path]:
+    """Run `hf-moe COMMAND --workdir WORKDIR` on tiny inputs with the timed subprocesses replaced by a recorder:
+    the scratch folders the measurements were given."""
+    from hf_moe.recipes import benchmark_export, benchmark_upcycle
+
+    scratches = []
+
+    def measure(function, source, output, args):
+        scratches.append(output.parent)
+        output.mkdir()  # what the measured process would have written
+        return {"seconds": 1.0, "peak_rss_gib": 1.0}
+
+    if command == "benchmark-upcycle":
+        monkeypatch.setattr(benchmark_upcycle, "_measure", measure)
+        options = ["--hidden_size", "16", "--intermediate_size", "32", "--num_hidden_layers", "1",
+                   "--num_attention_heads", "2", "--num_key_value_heads", "1", "--vocab_size", "64"]
+    else:
+        monkeypatch.setattr(benchmark_export, "_measure", measure)
+        source = tmp_path / "source"
+        source.mkdir()
+        (source / "config.json").write_text("{}")
+        (source / "model.safetensors").write_bytes(bytes(1024))
+        options = ["--source", str(source), "--repeats", "1"]
+    cli_main([command, "--workdir", str(workdir), *options, "--json"])
+    return scratches
+
+
+@pytest.mark.parametrize("command", ["benchmark-upcycle", "benchmark-export"])
+def test_benchmarks_create_a_missing_workdir_and_leave_it_empty(command, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "scratch" / "benchmark"
+    scratches = _benchmark_without_measuring(command, workdir, tmp_path, monkeypatch)
+    assert json.loads(capsys.readouterr().out)["time_ratio_in_memory_over_streaming"] == 1.0
+    assert scratches and {scratch.parent for scratch in scratches} == {workdir}
+    assert list(workdir.iterdir()) == []  # the temporary folder inside it is gone
+
+
+@pytest.mark.parametrize("command", ["benchmark-upcycle", "benchmark-export"])
+def test_benchmarks_reject_a_workdir_that_is_a_file_when_parsing(command, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "notes.txt"
+    workdir.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        _benchmark_without_measuring(command, workdir, tmp_path, monkeypatch)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-moe {command}: error: `workdir`={str(workdir)!r}: not a folder; give a folder for the scratch files "
+        "(created if missing), or leave it out for a temporary one"]
+
+
+def test_benchmark_quantization_with_a_missing_model_folder_names_it_before_loading_anything(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _fail_if_called("the model loader"))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", _fail_if_called("the tokenizer loader"))
+    model = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["benchmark-quantization", "--model_path", str(model)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"hf-moe benchmark-quantization: error: `model_path`={str(model)!r}: no such folder; expected a model folder "
+        "(config.json, weights and tokenizer) or a Hub model id (owner/name)"]
+
+
+def test_upcycle_rejects_zero_experts_before_opening_the_source(tmp_path, monkeypatch, capsys):
+    from hf_moe import upcycling
+    from hf_moe.upcycling import arguments
+
+    for module in (upcycling, arguments):
+        monkeypatch.setattr(module, "open_dense_checkpoint", _fail_if_called("open_dense_checkpoint"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["upcycle", "--output_dir", str(tmp_path / "moe"), "--num_experts", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hf-moe upcycle: error: `num_experts`=0 is invalid: a positive integer is required"]

@@ -6,14 +6,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import AutoModelForCausalLM
 
 from ..export import TARGETS, ExportArguments, run_export
-from .benchmark_upcycle import read_through
+from .benchmark_upcycle import check_workdir, read_through, scratch_folder
 
 
 @dataclass
@@ -23,7 +22,11 @@ class ExportBenchmarkArguments:
     to: str = field(default="mixtral", metadata={"help": "target architecture"})
     shard_size: str = field(default="2GB", metadata={"help": "output shard size (both approaches)"})
     repeats: int = field(default=3, metadata={"help": "runs per approach (interleaved); medians are reported"})
-    workdir: str | None = field(default=None, metadata={"help": "scratch folder (default: a temporary one)"})
+    workdir: str | None = field(default=None, metadata={
+        "help": "scratch folder, created if missing (default: a temporary one)"})
+
+    def __post_init__(self):
+        check_workdir(self.workdir)
 
 
 def export_streaming(source: str, output_dir: str, to: str, shard_size: str) -> None:
@@ -66,10 +69,10 @@ def benchmark_export(args: ExportBenchmarkArguments) -> dict:
         raise FileNotFoundError(f"{source} is not a model folder; create it with `hf-moe upcycle` first")
     checkpoint_gib = sum(path.stat().st_size for path in source.glob("*.safetensors")) / 2**30
     runs = {"streaming": [], "in_memory": []}
-    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
+    with scratch_folder(args.workdir) as scratch:
         for repeat in range(args.repeats):
             for approach in runs:
-                output = Path(scratch) / f"{approach}-{repeat}"
+                output = scratch / f"{approach}-{repeat}"
                 runs[approach].append(_measure(f"export_{approach}", source, output, args))
     report = {"source": str(source), "to": args.to, "checkpoint_gib": checkpoint_gib, "repeats": args.repeats}
     for approach, results in runs.items():

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_models, pad_token_id
 from ..quantization.experts import unquantized_expert_parameters
 from ..quantization.memory import resident_weight_bytes
+from .evaluate import check_model_path
 
 
 @dataclass
@@ -25,6 +26,15 @@ class QuantizationBenchmarkArguments:
     dense_model_path: str | None = field(default=None, metadata={
         "help": "the dense folder `model_path` was upcycled from: adds its bf16 vs 4-bit comparison (stock "
                 "transformers' Linear4bit) as a reference"})
+
+    def __post_init__(self):
+        """At parsing, before anything loads (a missing folder would otherwise read as a malformed Hub id)."""
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"`quant_type`={self.quant_type!r} is invalid: choose nf4 or fp4")
+        for name in ("repeats", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}`={getattr(self, name)!r} is invalid: a positive integer is required")
+        check_model_path(self.model_path)
 
 
 def _forward_seconds(model, inputs: list[torch.Tensor], repeats: int) -> float:
@@ -42,10 +52,6 @@ def _forward_seconds(model, inputs: list[torch.Tensor], repeats: int) -> float:
 @torch.inference_mode()
 def benchmark_quantization(args: QuantizationBenchmarkArguments) -> dict:
     """One row per precision (bf16 reference, 4-bit) and the comparison between them."""
-    if args.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"`quant_type`={args.quant_type!r} is invalid: choose nf4 or fp4")
-    if args.repeats < 1:
-        raise ValueError(f"`repeats`={args.repeats} is invalid: give at least 1")
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in SAMPLE_PROMPTS]
     quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=args.quant_type,

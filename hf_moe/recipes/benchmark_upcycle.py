@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +32,29 @@ class UpcycleBenchmarkArguments:
     vocab_size: int = 32000
     num_experts: int = 8
     shard_size: str = field(default="2GB", metadata={"help": "input and output shard size"})
-    workdir: str | None = field(default=None, metadata={"help": "scratch folder (default: a temporary one)"})
+    workdir: str | None = field(default=None, metadata={
+        "help": "scratch folder, created if missing (default: a temporary one)"})
+
+    def __post_init__(self):
+        check_workdir(self.workdir)
+
+
+def check_workdir(workdir: str | None) -> None:
+    """At parsing: a `workdir` that exists must be a folder (a missing one is created by `scratch_folder`)."""
+    if workdir is not None and Path(workdir).exists() and not Path(workdir).is_dir():
+        raise NotADirectoryError(f"`workdir`={workdir!r}: not a folder; give a folder for the scratch files (created "
+                                 "if missing), or leave it out for a temporary one")
+
+
+@contextmanager
+def scratch_folder(workdir: str | None) -> Iterator[Path]:
+    """A temporary folder inside `workdir` (created with its parents if missing, as a work folder is expected to be;
+    None: the system's temporary folder), removed with its contents afterwards; `workdir` itself stays."""
+    if workdir is not None:
+        check_workdir(workdir)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=workdir) as scratch:
+        yield Path(scratch)
 
 
 def write_synthetic_dense(folder: Path, args: UpcycleBenchmarkArguments) -> int:
@@ -97,8 +121,7 @@ def _measure(function: str, source: Path, output: Path, args: UpcycleBenchmarkAr
 
 def benchmark_upcycling(args: UpcycleBenchmarkArguments) -> dict:
     """Both approaches, each in a fresh process (peak RSS is the process's maximum resident set)."""
-    with tempfile.TemporaryDirectory(dir=args.workdir) as scratch:
-        scratch = Path(scratch)
+    with scratch_folder(args.workdir) as scratch:
         start = time.perf_counter()
         parameters = write_synthetic_dense(scratch / "dense", args)
         report = {"dense_parameters_billion": parameters / 1e9, "synthetic_write_seconds": time.perf_counter() - start,

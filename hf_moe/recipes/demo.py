@@ -22,6 +22,19 @@ class DemoArguments:
     overwrite: bool = field(default=False, metadata={"help": "replace existing demo folders"})
     seed: int = 0
 
+    def __post_init__(self):
+        parse_model_types(self.model_types)  # at parsing: one short line, before anything is built
+
+
+def parse_model_types(model_types: str) -> tuple[str, ...]:
+    """'hf_moe,hf_switch' -> ('hf_moe', 'hf_switch'), checked against the hf_moe model types (transformers' own
+    error for an unknown one lists every model type it knows, hundreds of them)."""
+    names = tuple(name for name in (part.strip() for part in model_types.split(",")) if name)
+    if not names or any(name not in HF_MOE_MODEL_TYPES for name in names):
+        raise ValueError(f"`model_types`={model_types!r} is invalid: give a comma-separated subset of "
+                         f"{HF_MOE_MODEL_TYPES}")
+    return names
+
 
 def run_demo(args: DemoArguments) -> list[dict]:
     """For each model type: random model -> save_pretrained -> remote-code load in a process without hf_moe.
@@ -30,7 +43,7 @@ def run_demo(args: DemoArguments) -> list[dict]:
     """
     torch.manual_seed(args.seed)
     results = []
-    for model_type in args.model_types.split(","):
+    for model_type in parse_model_types(args.model_types):
         config = AutoConfig.for_model(model_type, **DEMO_DECODER)
         model = AutoModelForCausalLM.from_config(config).eval()
         folder = Path(args.output_dir) / model_type

@@ -13,6 +13,8 @@ from ..upcycling import open_dense_checkpoint, upcycle
 from .evaluate import EvaluateArguments, run_evaluate
 from .finetune import FinetuneArguments, FinetuneTrainingArguments, run_finetune
 
+UPCYCLED_TOP_K = 2  # experts per token of the upcycled hf_moe (the upcycled Switch routes to 1)
+
 
 @dataclass
 class ReplicationArguments:
@@ -24,6 +26,15 @@ class ReplicationArguments:
     train_per_family: int = 200
     eval_per_family: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        """At parsing: a bad count would otherwise fail only after the dense start is converted and written."""
+        for name in ("max_steps", "per_device_train_batch_size", "train_per_family", "eval_per_family"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}`={getattr(self, name)!r} is invalid: a positive integer is required")
+        if self.num_experts < UPCYCLED_TOP_K:
+            raise ValueError(f"`num_experts`={self.num_experts!r} is invalid: choose {UPCYCLED_TOP_K} or more (the "
+                             f"upcycled hf_moe routes each token to its top {UPCYCLED_TOP_K} experts)")
 
 
 def run_replication(args: ReplicationArguments) -> list[dict]:
@@ -37,7 +48,8 @@ def run_replication(args: ReplicationArguments) -> list[dict]:
     for arch in ("hf_moe", "hf_switch"):
         folder = root / f"start-{arch}"
         if not folder.exists():
-            upcycle(str(start), str(folder), arch=arch, num_experts=args.num_experts, seed=args.seed)
+            upcycle(str(start), str(folder), arch=arch, num_experts=args.num_experts,
+                    top_k=UPCYCLED_TOP_K if arch == "hf_moe" else 1, seed=args.seed)
         starts[f"upcycled {arch}"] = folder
 
     rows = [_evaluate_row("dense, before tuning", start, args, train_seconds=0.0)]

@@ -74,6 +74,8 @@ class UpcycleArguments:
         if self.arch == "hf_mh_moe" and self.expert_init != "copy":
             raise ValueError(f"`expert_init`={self.expert_init!r} is invalid for hf_mh_moe: only 'copy' (experts "
                              "from sub-space blocks of the dense MLP)")
+        if self.num_experts < 1 and not self.experts:  # a mix counts its sources; at parsing, before the source opens
+            raise ValueError(f"`num_experts`={self.num_experts!r} is invalid: a positive integer is required")
         if self.top_k is None:
             self.top_k = 1 if self.arch == "hf_switch" else 2
         if self.dtype not in OUTPUT_DTYPES:
