@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from hf_moe.modeling import MHMoeConfig, MoeConfig, SwitchConfig, modeling_hf_moe
-from hf_moe.modeling.modeling_hf_moe import CpuSwiGLUExperts, MHMoeSparseBlock, MoeExperts, MoeSparseBlock
+from hf_moe.modeling import MHMoeConfig, MoeConfig, SwitchConfig, experts_kernels_hf_moe
+from hf_moe.modeling.experts_kernels_hf_moe import CpuSwiGLUExperts
+from hf_moe.modeling.modeling_hf_moe import MHMoeSparseBlock, MoeExperts, MoeSparseBlock
 
 BLOCKS = {
     "hf_moe": (MoeSparseBlock, MoeConfig(hidden_size=32, num_attention_heads=4, moe_intermediate_size=48,
@@ -55,7 +56,7 @@ def test_cpu_path_equals_grouped_matmul_path_in_outputs_and_every_gradient(model
 
 def test_cpu_path_is_what_cpu_training_and_inference_use(monkeypatch):
     calls = {"train": 0, "inference": 0}
-    train_apply, inference_forward = CpuSwiGLUExperts.apply, modeling_hf_moe.cpu_swiglu_experts_forward
+    train_apply, inference_forward = CpuSwiGLUExperts.apply, experts_kernels_hf_moe.cpu_swiglu_experts_forward
 
     def counting_apply(*args):
         calls["train"] += 1
@@ -66,7 +67,7 @@ def test_cpu_path_is_what_cpu_training_and_inference_use(monkeypatch):
         return inference_forward(*args, **kwargs)
 
     monkeypatch.setattr(CpuSwiGLUExperts, "apply", counting_apply)
-    monkeypatch.setattr(modeling_hf_moe, "cpu_swiglu_experts_forward", counting_forward)
+    monkeypatch.setattr(experts_kernels_hf_moe, "cpu_swiglu_experts_forward", counting_forward)
     block = _block("hf_mh_moe", torch.float32)
     hidden = torch.randn(1, 4, 32)
     block(hidden).sum().backward()

@@ -74,7 +74,8 @@ def test_saved_config_has_an_auto_map_for_every_auto_class(model_type, tmp_path)
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert auto_map["AutoConfig"].startswith("configuration_hf_moe.")
     assert all(v.startswith("modeling_hf_moe.") for k, v in auto_map.items() if k != "AutoConfig")
-    assert (tmp_path / "modeling_hf_moe.py").exists() and (tmp_path / "configuration_hf_moe.py").exists()
+    assert all((tmp_path / name).exists() for name in ("modeling_hf_moe.py", "configuration_hf_moe.py",
+                                                       "experts_kernels_hf_moe.py"))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -1,7 +1,7 @@
 """Writing a model folder, the one way every hf_moe output is written (upcycled, mixed, exported).
 
 Staging folder → sharded safetensors streamed in → tensor names checked against the target model → config (and, for
-hf_moe types, the two code files) → tokenizer and generation config → the card and any extra files (`finish`) →
+hf_moe types, the code files) → tokenizer and generation config → the card and any extra files (`finish`) →
 atomic rename. An existing output raises `OutputExistsError` before anything is read or written.
 """
 
@@ -29,8 +29,8 @@ def check_complete(names: set[str], model, source_name: str) -> None:
 
 
 def save_config_and_code(config, folder: Path) -> None:
-    """config.json; for an hf_moe type also the `auto_map` of every Auto class, `architectures` and the two code
-    files, so the folder loads as remote code."""
+    """config.json; for an hf_moe type also the `auto_map` of every Auto class, `architectures` and the code files
+    (`CODE_PATHS`), so the folder loads as remote code."""
     if config.model_type in HF_MOE_MODEL_TYPES:
         from ..modeling import MODEL_CLASSES
         from ..modeling.modeling_hf_moe import auto_map_for
