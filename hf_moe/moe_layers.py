@@ -7,7 +7,12 @@ quantisation / LoRA helpers all go through it. Routers are recognised by convent
    `output_router_logits=True` is collected): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, hf_moe ...
 2. otherwise a module with `num_experts`, `top_k` and a 2-D `weight` with one row per expert is a router.
 
-Either way the router's output is `(router_logits (tokens, E), top_k_weights (tokens, k), top_k_index (tokens, k))`.
+A router routes by top-k (the token picks k experts: every transformers family, hf_moe's top-k, Switch and MH-MoE
+routers) or by expert choice (each expert picks its tokens: hf_moe's expert-choice routers); `MoeLayer.routing_kind`
+says which. A top-k router returns `(router_logits (rows, E), top_k_weights (rows, k), top_k_index (rows, k))` or,
+in some families, its logits alone; an expert-choice router `(router_logits, weights (rows, E), selected (rows, E))`.
+`token_assignment` turns any of these into the same per-row assignment (experts and gate weights), which is all the
+statistics, saliency, balancing and the expert-choice gap read. Rows are tokens, or MH-MoE's sub-tokens.
 The sparse block is the router's parent; its `experts` child holds the routed experts and its `shared_expert*`
 children the always-active ones (Qwen2-MoE's `shared_expert` and `shared_expert_gate`, DeepSeek's `shared_experts`).
 
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .modeling.configuration_hf_moe import EXPERT_CHOICE_ROUTING, TOP_K_ROUTING
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class MoeLayer:
     top_k: int
     selection_bias_name: str | None = None  # the router's selection bias (a `model.named_buffers()` or
     # `named_parameters()` name), None when it has none
+    routing_kind: str = TOP_K_ROUTING  # TOP_K_ROUTING or EXPERT_CHOICE_ROUTING
+    experts_per_token: float = 1  # per router row: k (top-k), or the capacity factor c, the mean (expert choice)
 
     @property
     def block_name(self) -> str:
@@ -97,6 +106,15 @@ def _selection_bias_name(router_name: str, router: nn.Module, block_name: str, b
     return None
 
 
+def _routing(router: nn.Module, top_k: int) -> tuple[str, float]:
+    """(routing kind, experts per router row) of `router`: expert choice for hf_moe's expert-choice routers (their
+    capacity factor c is the mean experts per row), top-k with k for every other router."""
+    kind = getattr(router, "routing_kind", TOP_K_ROUTING)
+    if kind == EXPERT_CHOICE_ROUTING:
+        return kind, router.expert_capacity_factor
+    return TOP_K_ROUTING, top_k
+
+
 def _layer_index(name: str, fallback: int) -> int:
     parts = name.split(".")
     for key in ("layers", "h", "blocks"):
@@ -133,12 +151,78 @@ def find_moe_layers(model: nn.Module, warn: bool = False) -> list[MoeLayer]:
         config = getattr(model, "config", None)
         top_k = getattr(module, "top_k", None) or getattr(config, "num_experts_per_tok", 1)
         bias = _selection_bias_name(name, module, block_name, block)
+        kind, experts_per_token = _routing(module, top_k)
         layers.append(MoeLayer(_layer_index(name, len(layers)), name, module, experts, shared, num_experts, top_k,
-                               bias))
+                               bias, kind, experts_per_token))
     if warn and not layers:
         logger.warning("%s (model_type=%r) has no recognisable MoE router: expert statistics, freezing and the expert "
                        "report do not apply to it", type(model).__name__, model_type(model))
     return sorted(layers, key=lambda layer: layer.index)
+
+
+@dataclass(frozen=True)
+class TokenAssignment:
+    """Which experts each router row went to, and with which gate weight: one router call, whatever its family or
+    routing kind (`token_assignment`). Rows are the router's rows: tokens, or sub-tokens for MH-MoE (h per token).
+
+    `chosen` and `gates` serve every routing kind alike; `index` / `weights` are a top-k router's own layout, kept
+    for consumers that need its order (None for expert choice, where a row has no fixed number of experts).
+    """
+
+    routing_kind: str  # TOP_K_ROUTING or EXPERT_CHOICE_ROUTING
+    logits: torch.Tensor  # (rows, E) the router's clean logits
+    chosen: torch.Tensor  # (rows, E) bool: the row was assigned to the expert; top-k: also when dropped over capacity
+    gates: torch.Tensor  # (rows, E) the weight the block gives the expert's output for the row; 0 where not chosen
+    # and for an assignment dropped over capacity
+    index: torch.Tensor | None = None  # (rows, k) top-k: the chosen experts, in the router's order
+    weights: torch.Tensor | None = None  # (rows, k) top-k: their combine weights, as the router gave them
+    from_logits_only: bool = False  # the router returned only its logits: the assignment is the top-k of their
+    # softmax, and the block may weight the experts otherwise (exact counts, approximate gates)
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """(rows, E) bool: assignments a top-k router made but dropped over capacity (weight 0); none for expert
+        choice, where an expert takes only what fits."""
+        if self.routing_kind == EXPERT_CHOICE_ROUTING:
+            return torch.zeros_like(self.chosen)
+        return self.chosen & (self.gates == 0)
+
+
+def token_assignment(layer: MoeLayer, router_output) -> TokenAssignment:
+    """The per-row assignment of one call of `layer.router`, from its output (what a forward hook receives).
+
+    Reads every router output layout: expert choice `(logits, weights (rows, E), selected (rows, E))`; top-k
+    `(logits, top_k_weights (rows, k), top_k_index (rows, k))`, where a dropped assignment keeps its expert with
+    weight 0; a router returning only its logits (as a tensor or a 1- or 2-tuple), whose assignments are then the
+    top-`layer.top_k` of the softmax, with those probabilities as weights.
+
+    Example:
+    ```python
+    >>> layer = find_moe_layers(model)[0]
+    >>> seen = []
+    >>> handle = layer.router.register_forward_hook(lambda r, args, out: seen.append(token_assignment(layer, out)))
+    >>> model(input_ids)
+    >>> seen[0].chosen.sum(-1)  # experts per router row
+    ```
+    """
+    if layer.routing_kind == EXPERT_CHOICE_ROUTING:
+        logits, weights, selected = router_output[:3]
+        return TokenAssignment(EXPERT_CHOICE_ROUTING, logits, selected.bool(), weights)
+    from_logits_only = not (isinstance(router_output, tuple) and len(router_output) >= 3)
+    if from_logits_only:
+        logits = router_output[0] if isinstance(router_output, tuple) else router_output
+        logits = logits.reshape(-1, logits.shape[-1])
+        weights, index = logits.float().softmax(-1).topk(layer.top_k, dim=-1)
+    else:
+        logits, weights, index = (tensor.reshape(-1, tensor.shape[-1]) for tensor in router_output[:3])
+    chosen = torch.zeros(logits.shape, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
+    gates = torch.zeros(logits.shape, dtype=weights.dtype, device=weights.device).scatter_(-1, index, weights)
+    return TokenAssignment(TOP_K_ROUTING, logits, chosen, gates, index, weights, from_logits_only)
+
+
+def config_routing_kind(config) -> str:
+    """`config`'s routing kind: its `routing_kind` (hf_moe configs), else TOP_K_ROUTING (transformers' families)."""
+    return getattr(config, "routing_kind", TOP_K_ROUTING)
 
 
 def selection_bias(model: nn.Module, layer: MoeLayer) -> torch.Tensor | None:
