@@ -5,7 +5,8 @@ quantisation / LoRA helpers all go through it. Routers are recognised by convent
 
 1. transformers 5.x models declare their router class in `_can_record_outputs["router_logits"]` (that is how
    `output_router_logits=True` is collected): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, gpt-oss, hf_moe ...
-2. otherwise a module with `num_experts`, `top_k` and a 2-D `weight` with one row per expert is a router.
+2. otherwise a module with `num_experts`, `top_k` (or a `routing_kind`) and a 2-D `weight` with one row per expert
+   is a router.
 
 A router routes by top-k (the token picks k experts: every transformers family, hf_moe's top-k, Switch and MH-MoE
 routers) or by expert choice (each expert picks its tokens: hf_moe's expert-choice routers); `MoeLayer.routing_kind`
@@ -92,7 +93,9 @@ def _declared_router_matchers(model: nn.Module) -> list:
 def _looks_like_router(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     num_experts = getattr(module, "num_experts", None)
-    return (isinstance(num_experts, int) and isinstance(getattr(module, "top_k", None), int)
+    # An expert-choice router has no k; its `routing_kind` says what it is.
+    routes = isinstance(getattr(module, "top_k", None), int) or isinstance(getattr(module, "routing_kind", None), str)
+    return (isinstance(num_experts, int) and routes
             and isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == num_experts)
 
 

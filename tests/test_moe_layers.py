@@ -203,3 +203,12 @@ def _mixtral_block():
 
     return MixtralSparseMoeBlock(transformers.MixtralConfig(hidden_size=8, intermediate_size=8, num_local_experts=4,
                                                             num_experts_per_tok=2))
+
+
+def test_a_bare_expert_choice_block_is_found_with_its_kind():
+    """Without a model's declared routers, the router is found by its shape and `routing_kind` (it has no k)."""
+    from hf_moe.modeling.modeling_hf_moe import MoeSparseBlock
+
+    block = MoeSparseBlock(tiny_config("hf_moe", router_type="expert_choice", expert_capacity_factor=1.5))
+    (layer,) = find_moe_layers(block)
+    assert (layer.router_name, layer.routing_kind, layer.experts_per_token) == ("gate", EXPERT_CHOICE_ROUTING, 1.5)
