@@ -14,13 +14,17 @@ import torch
 from torch import nn
 
 from .modeling.modeling_hf_moe import expert_choice_selection
-from .moe_layers import find_moe_layers
+from .moe_layers import EXPERT_CHOICE_ROUTING, MoeLayer, find_moe_layers, token_assignment
+
+
+def expert_choice_layers(model: nn.Module) -> list[MoeLayer]:
+    """The sparse layers of `model` that route by expert choice (empty for top-k models)."""
+    return [layer for layer in find_moe_layers(model) if layer.routing_kind == EXPERT_CHOICE_ROUTING]
 
 
 def expert_choice_routers(model: nn.Module) -> dict[int, nn.Module]:
-    """{decoder layer: router} of the expert-choice routers of `model` (empty for token-choice models)."""
-    return {layer.index: layer.router for layer in find_moe_layers(model)
-            if getattr(layer.router, "expert_choice", False)}
+    """{decoder layer: router} of the expert-choice routers of `model` (empty for top-k models)."""
+    return {layer.index: layer.router for layer in expert_choice_layers(model)}
 
 
 class ExpertChoiceGapRecorder:
@@ -34,10 +38,11 @@ class ExpertChoiceGapRecorder:
     """
 
     def __init__(self, model: nn.Module):
-        self.routers = expert_choice_routers(model)
+        layers = expert_choice_layers(model)
+        self.routers = {layer.index: layer.router for layer in layers}
         self.totals = defaultdict(lambda: defaultdict(float))
         self.enabled = True  # off while generating: a decoding step's one-token "batch" is no selection group
-        self.handles = [router.register_forward_hook(self._hook(layer)) for layer, router in self.routers.items()]
+        self.handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in layers]
 
     @contextmanager
     def paused(self):
@@ -53,17 +58,17 @@ class ExpertChoiceGapRecorder:
             handle.remove()
         self.handles = []
 
-    def _hook(self, layer: int):
+    def _hook(self, layer: MoeLayer):
         def record(router, inputs, outputs):
             if not self.enabled or router.training or router.eval_rule != "threshold":
                 return
-            logits, _, selected = outputs
+            assignment = token_assignment(layer, outputs)
             token_mask = inputs[1] if len(inputs) > 1 else None
             group_size = inputs[2] if len(inputs) > 2 and router.group_by_sequence else None
             with torch.no_grad():
-                batch, _ = expert_choice_selection(logits.float().softmax(-1), router.expert_capacity_factor,
+                batch, _ = expert_choice_selection(assignment.logits.float().softmax(-1), layer.experts_per_token,
                                                    group_size, token_mask)
-                self._count(layer, selected, batch, token_mask)
+                self._count(layer.index, assignment.chosen, batch, token_mask)
 
         return record
 

@@ -602,6 +602,19 @@ def test_finetune_option_on_a_family_without_bias_is_a_value_error(tmp_path):
     assert _set_up_selection_bias(deepseek, None) == 0.0  # the model's bias stays as it is unless asked
 
 
+def test_balancing_an_expert_choice_model_names_its_routing(caplog):
+    from hf_moe.training.balancing import no_selection_bias_message
+
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", router_type="expert_choice"))
+    message = no_selection_bias_message(model)
+    assert "model_type='hf_moe') routes by expert choice (sparse layers [0, 1, 2])" in message
+    assert "balanced by construction" in message and "router_bias_update_rate" not in message
+    callback = AuxLossFreeBalancingCallback()
+    with caplog.at_level(logging.WARNING, logger="hf_moe.training.balancing"):
+        callback.on_train_begin(None, None, None, model=model)
+    assert "routes by expert choice" in caplog.text and not callback.balancer.layers
+
+
 # ------------------------------------------------------------------------------------------------ the measurement
 def test_balancing_benchmark_rows_differ_only_in_the_balancing(tiny_upcycled, tmp_path, monkeypatch):
     import dataclasses

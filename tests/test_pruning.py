@@ -123,6 +123,17 @@ def test_saliency_equals_an_independent_computation_from_router_logits_and_exper
     assert not torch.allclose(saliency.scores("reap"), wrong, rtol=0.1)
 
 
+@pytest.mark.parametrize("model_type", ["hf_moe", "hf_mh_moe"])
+def test_measure_saliency_refuses_an_expert_choice_model_by_name(model_type):
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, router_type="expert_choice"))
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match=rf"model_type='{model_type}'\) routes by expert choice \(sparse layers "
+                                         r"\[0, 1, 2\]\): saliency is defined for top-k routing"):
+        measure_saliency(model, [torch.tensor([ids]) for ids in CALIBRATION], progress=False)
+    assert not calls  # refused before any forward
+
+
 def test_planted_never_routed_expert_is_the_one_pruned_by_every_method(tmp_path):
     model = _tiny_moe(num_experts=5)
     _plant_never_routed_expert(model)

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..checkpoints.names import EXPERTS_WEIGHT, ROUTER_WEIGHT, SHARED_EXPERTS_WEIGHT
+from ..moe_layers import EXPERT_CHOICE_ROUTING
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def common_blockers(config) -> list[Blocker]:
             f"a router selection bias (auxiliary-loss-free balancing, `router_bias_update_rate`="
             f"{config.router_bias_update_rate}, tensors `mlp.gate.e_score_correction_bias`): the native routers choose "
             "experts by probability alone"))
-    if config.router_type == "expert_choice":
+    if config.routing_kind == EXPERT_CHOICE_ROUTING:
         blockers.append(Blocker(
             "expert-choice routing (`router_type`='expert_choice': experts pick tokens, a token gets a variable "
             "number of experts; at inference per-expert thresholds `mlp.gate.expert_choice_threshold`): every native "

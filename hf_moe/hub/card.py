@@ -21,9 +21,15 @@ ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch
                       "hf_mh_moe": "Multi-Head Mixture-of-Experts"}
 
 
+def _expert_choice(config) -> bool:
+    from ..moe_layers import EXPERT_CHOICE_ROUTING, config_routing_kind
+
+    return config_routing_kind(config) == EXPERT_CHOICE_ROUTING
+
+
 def architecture_name(config) -> str:
     """What the card calls the model: by model type, and by routing for expert choice."""
-    if getattr(config, "router_type", None) == "expert_choice":
+    if _expert_choice(config):
         return ("expert-choice Multi-Head Mixture-of-Experts" if config.model_type == "hf_mh_moe"
                 else "expert-choice Mixture-of-Experts")
     return ARCHITECTURE_NAMES.get(config.model_type, config.model_type)
@@ -51,9 +57,10 @@ KIND_LIMITATIONS = {
 
 
 def parameter_counts(model) -> tuple[int, int]:
-    """(total, active per token) parameters. Active counts top-k (expert choice: c on average) of the E experts of
-    each sparse block (for MH-MoE, up to h * k experts: an upper bound, as a token's sub-tokens may pick the same
-    experts). Works for transformers' own MoE models too (the blocks come from `hf_moe.moe_layers`)."""
+    """(total, active per token) parameters. Active counts the experts per token (`MoeLayer.experts_per_token`:
+    top-k's k, expert choice's c on average) of the E experts of each sparse block (for MH-MoE, up to h times as
+    many: an upper bound, as a token's sub-tokens may pick the same experts). Works for transformers' own MoE models
+    too (the blocks come from `hf_moe.moe_layers`)."""
     from ..moe_layers import find_moe_layers
 
     total = sum(parameter.numel() for parameter in model.parameters())
@@ -63,9 +70,7 @@ def parameter_counts(model) -> tuple[int, int]:
     for layer in find_moe_layers(model):
         if layer.experts_name is None or not layer.num_experts:
             continue
-        expert_choice = getattr(layer.router, "expert_choice", False)
-        per_token = layer.router.expert_capacity_factor if expert_choice else layer.top_k  # (c on average)
-        used = min(layer.num_experts, per_token * subtokens)
+        used = min(layer.num_experts, layer.experts_per_token * subtokens)
         experts_size = sum(p.numel() for p in modules[layer.experts_name].parameters())
         inactive += experts_size * (1 - used / layer.num_experts)
     return total, round(total - inactive)
@@ -79,7 +84,7 @@ def _router_description(config) -> str:
     if not hasattr(config, "router_type"):  # a transformers MoE family: its own router
         return f"{config.model_type}'s router; aux loss coef {getattr(config, 'router_aux_loss_coef', 'n/a')}"
     router = f"`{config.router_type}`"
-    if config.router_type == "expert_choice":
+    if _expert_choice(config):
         rule = ("causal: per-expert thresholds (running estimates of the training cutoffs)"
                 if config.expert_choice_eval_rule == "threshold" else "batch selection (not causal)")
         return (f"{router} (arXiv 2202.09368): each expert takes its top-C tokens per {config.expert_choice_group}, "
@@ -109,7 +114,7 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
     num_experts = layers[0].num_experts if layers else getattr(config, "num_experts", 0)
     top_k = layers[0].top_k if layers else getattr(config, "num_experts_per_tok", 0)
     experts = f"{num_experts}, top-{top_k}"
-    if getattr(config, "router_type", None) == "expert_choice":
+    if _expert_choice(config):
         experts = f"{num_experts}, expert choice ({config.expert_capacity_factor:g} per token on average)"
     if getattr(config, "num_shared_experts", 0):
         experts += f" + {config.num_shared_experts} shared (always active)"
@@ -129,7 +134,7 @@ def architecture_rows(config, model) -> list[tuple[str, str]]:
 
 
 def _capacity(config) -> str:
-    if getattr(config, "router_type", None) == "expert_choice":
+    if _expert_choice(config):
         return ("training: C = ceil(capacity factor x tokens / experts) tokens per expert; inference: no limit "
                 "(threshold rule)")
 

@@ -39,6 +39,8 @@ def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype
                         routing_accuracy: dict | None = None) -> Path:
     """Render and write the README.md of an upcycled or mixed folder (`args`: the `UpcycleArguments`;
     `routing_accuracy`: a mixed model's held-out routing accuracy, shown as a table)."""
+    from ..moe_layers import EXPERT_CHOICE_ROUTING, config_routing_kind
+
     init = args.expert_init
     if getattr(args, "experts", None):
         init = f"expert i's MLP from source i ({', '.join(f'`{source}`' for source in args.experts)}); " \
@@ -49,7 +51,7 @@ def write_upcycled_card(folder: Path, model_name: str, model, args, dense, dtype
         init += f" (drop ratio {args.drop_ratio})"
     elif init == "split":
         init += f" (granularity {args.granularity})"
-    if getattr(args, "router_type", None) == "expert_choice":
+    if config_routing_kind(model.config) == EXPERT_CHOICE_ROUTING:
         equivalence = (f"Expert-choice routing changes the dense model's function (a token gets a varying number of "
                        f"experts, weighted by unnormalised affinities); the experts are scaled by E/c = "
                        f"{args.num_experts / args.expert_capacity_factor:g} so that the expected output with "

@@ -32,7 +32,14 @@ from ..checkpoints.names import (
 from ..checkpoints.reading import read_config_json, read_weight_map, resolve_folder, stream_tensors
 from ..checkpoints.writing import write_model_folder
 from ..errors import OutputExistsError, UnsupportedCheckpointError
-from ..moe_layers import EXPERT_COUNT_FIELDS, RoutingGroups, expert_count_field, find_moe_layers, routing_groups
+from ..moe_layers import (
+    EXPERT_CHOICE_ROUTING,
+    EXPERT_COUNT_FIELDS,
+    RoutingGroups,
+    expert_count_field,
+    find_moe_layers,
+    routing_groups,
+)
 from .arguments import PruneArguments
 from .calibration import calibration_inputs
 from .merge import merge_tensors, merging_plan
@@ -81,15 +88,15 @@ def open_source(name: str) -> PruningSource:
                                              "experts): there are no experts to prune")
         raise UnsupportedCheckpointError(f"{name}: model_type {model_type!r} is not supported for pruning; "
                                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if raw.get("router_type") == "expert_choice":
+    config = AutoConfig.from_pretrained(folder)
+    count_field = expert_count_field(config)
+    layers = find_moe_layers(meta_model(config))
+    if any(layer.routing_kind == EXPERT_CHOICE_ROUTING for layer in layers):
         raise UnsupportedCheckpointError(
             f"{name} routes by expert choice (`router_type`='expert_choice'): the saliency and merge weights are "
             "defined for token-choice top-k routers (a token's k gates); supported: hf_moe models with "
             "router_type 'softmax_topk' or 'noisy_topk', and the transformers families "
             f"{', '.join(TRANSFORMERS_MODEL_TYPES)}")
-    config = AutoConfig.from_pretrained(folder)
-    count_field = expert_count_field(config)
-    layers = find_moe_layers(meta_model(config))
     if count_field is None or not layers:
         raise UnsupportedCheckpointError(f"{name} ({model_type}) has no sparse layer: there are no experts to prune")
     weight_files = read_weight_map(folder)

@@ -1,8 +1,8 @@
 """Expert saliency from calibration data: how much each routed expert contributes to its sparse layer's output.
 
 A forward hook on every router that `hf_moe.moe_layers` finds reads the router's input (the tokens the block routes,
-`(tokens, d)`; MH-MoE: sub-tokens) and output (`router_logits`, top-k combine weights g, top-k indices). Per layer ×
-expert it accumulates, over the calibration tokens:
+`(tokens, d)`; MH-MoE: sub-tokens) and its assignment (`token_assignment`: each token's top-k experts and their
+combine weights g). Per layer × expert it accumulates, over the calibration tokens:
 
 - `frequency`: routed assignments (tokens with the expert among their top-k), from the router's output alone;
 - with `expert_norms=True` (REAP, EAN): `gate_sum` Σ g, `norm_sum` Σ ‖E_j(x)‖₂ and `reap_sum` Σ g · ‖E_j(x)‖₂ over
@@ -15,7 +15,8 @@ expert it accumulates, over the calibration tokens:
 g is the weight the block multiplies the expert's output with: renormalised top-k probabilities for hf_moe (default)
 and Mixtral, raw softmax probabilities for Qwen2-MoE and OLMoE without `norm_topk_prob`, the normalised and scaled
 sigmoid scores of DeepSeek-V3, 0 for an assignment dropped over capacity. So g · ‖E_j(x)‖₂ is the size of expert j's
-contribution to the block output.
+contribution to the block output. Expert-choice models are refused: their experts pick tokens, so there is no
+token's top-k to measure against (REAP's and EAN's definitions assume one).
 """
 
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..moe_layers import find_moe_layers
+from ..moe_layers import EXPERT_CHOICE_ROUTING, MoeLayer, find_moe_layers, model_type, token_assignment
 
 # method -> what it ranks experts by (higher = keep); the names and definitions are those of REAP's code
 # (CerebrasResearch/reap, src/reap/pruning_metrics.py: `reap`, `expert_frequency`, `ean_sum`, `ean_mean`)
@@ -102,9 +103,9 @@ class ExpertSaliency:
 class _RouterHook:
     """Reads one router's input and output and accumulates that layer's rows of an `ExpertSaliency`."""
 
-    def __init__(self, saliency: ExpertSaliency, row: int, experts: nn.Module, with_outputs: bool):
-        self.saliency, self.row, self.experts, self.with_outputs = saliency, row, experts, with_outputs
-        self.expert_norms = saliency.expert_norms
+    def __init__(self, saliency: ExpertSaliency, row: int, layer: MoeLayer, experts: nn.Module, with_outputs: bool):
+        self.saliency, self.row, self.layer, self.experts = saliency, row, layer, experts
+        self.with_outputs, self.expert_norms = with_outputs, saliency.expert_norms
 
     def expert_outputs(self, tokens: torch.Tensor, expert: int) -> torch.Tensor:
         """E_expert(tokens) through the block's experts module: every token routed to `expert` with weight 1."""
@@ -113,17 +114,16 @@ class _RouterHook:
 
     @torch.no_grad()
     def __call__(self, router: nn.Module, args: tuple, output) -> None:
-        if not (isinstance(output, tuple) and len(output) >= 3):
+        assignment = token_assignment(self.layer, output)
+        if assignment.from_logits_only:
             raise TypeError(f"{type(router).__name__} returns {type(output).__name__}, not (router_logits, "
                             "top_k_weights, top_k_index): its block cannot be measured")
         tokens = args[0].reshape(-1, args[0].shape[-1])  # (tokens, d): what the block's experts receive too
-        _, top_k_weights, top_k_index = output[:3]  # (tokens, k) each
         stats, row = self.saliency, self.row
         if row == 0:  # every sparse layer routes the same number of rows: count them once
             stats.tokens += tokens.shape[0]
         for expert in range(stats.num_experts):
-            chosen = top_k_index == expert  # (tokens, k)
-            routed = chosen.any(-1)  # (tokens,)
+            routed = assignment.chosen[:, expert]  # (tokens,), with assignments dropped over capacity (g = 0)
             stats.frequency[row, expert] += routed.sum()
             if not self.expert_norms:  # routing counts only: no expert runs beyond the model's own forward
                 continue
@@ -135,7 +135,7 @@ class _RouterHook:
                 outputs = self.expert_outputs(tokens[routed], expert).double()
             else:
                 continue
-            gates = (top_k_weights.double() * chosen).sum(-1)[routed]  # (routed,)
+            gates = assignment.gates[routed, expert].double()  # (routed,)
             norms = outputs.norm(dim=-1)  # (routed,)
             stats.gate_sum[row, expert] += gates.sum()
             stats.norm_sum[row, expert] += norms.sum()
@@ -159,6 +159,11 @@ def measure_saliency(model: nn.Module, inputs: Iterable[torch.Tensor], with_outp
     layers = find_moe_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no sparse (MoE) layer to measure")
+    expert_choice = [layer.index for layer in layers if layer.routing_kind == EXPERT_CHOICE_ROUTING]
+    if expert_choice:
+        raise ValueError(f"{type(model).__name__} (model_type={model_type(model)!r}) routes by expert choice (sparse "
+                         f"layers {expert_choice}): saliency is defined for top-k routing, where each token has its k "
+                         "experts and their combine weights; measure a top-k model")
     counts = {layer.num_experts for layer in layers}
     if len(counts) != 1:
         raise ValueError(f"the sparse layers have different expert counts {sorted(counts)}")
@@ -174,7 +179,7 @@ def measure_saliency(model: nn.Module, inputs: Iterable[torch.Tensor], with_outp
     model.eval()
     try:
         for row, layer in enumerate(layers):
-            hook = _RouterHook(saliency, row, modules[layer.experts_name], with_outputs)
+            hook = _RouterHook(saliency, row, layer, modules[layer.experts_name], with_outputs)
             handles.append(layer.router.register_forward_hook(hook))
         for ids in tqdm(list(inputs), desc="calibration", unit="sequence", disable=not progress):
             model(input_ids=ids.reshape(1, -1).to(model.device), use_cache=False)

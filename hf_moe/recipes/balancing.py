@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import build_mixture
+from ..moe_layers import EXPERT_CHOICE_ROUTING
 from ..upcycling import open_dense_checkpoint, upcycle
 from .evaluate import evaluate_model
 from .finetune import FinetuneArguments, FinetuneTrainingArguments, build_trainer
 
-METHODS = ("none", "aux_loss", "bias", "both", "expert_choice")
+METHODS = ("none", "aux_loss", "bias", "both", EXPERT_CHOICE_ROUTING)  # the last: routing by expert choice
 
 
 @dataclass
@@ -55,7 +56,7 @@ class BalancingBenchmarkArguments:
 
 def balancing_settings(method: str, args: BalancingBenchmarkArguments) -> dict:
     """The `hf-moe finetune` options of one method: aux-loss weight and selection-bias update rate."""
-    if method == "expert_choice":  # balanced by construction
+    if method == EXPERT_CHOICE_ROUTING:  # balanced by construction
         return {"router_aux_loss_coef": 0.0, "router_bias_update_rate": 0.0}
     aux = args.router_aux_loss_coef if method in ("aux_loss", "both") else 0.0
     rate = args.router_bias_update_rate if method in ("bias", "both") else 0.0
@@ -114,7 +115,7 @@ def run_balancing_benchmark(args: BalancingBenchmarkArguments) -> list[dict]:
     """One row per method (see `run_method`); also written to `<output_dir>/results.json`."""
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    rows = [run_method(method, prepare_start(args, expert_choice=method == "expert_choice"), args)
+    rows = [run_method(method, prepare_start(args, expert_choice=method == EXPERT_CHOICE_ROUTING), args)
             for method in args.method_list]
     (root / "results.json").write_text(json.dumps(rows, indent=1))
     return rows

@@ -17,6 +17,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from ..modeling import MHMoeConfig, MoeConfig, SwitchConfig, mh_moe_matched_config
 from ..modeling.modeling_hf_moe import MHMoeSparseBlock, MoeMLP, MoeSparseBlock
+from ..moe_layers import EXPERT_CHOICE_ROUTING, find_moe_layers
 
 
 @dataclass
@@ -174,7 +175,7 @@ def benchmark_sparse_blocks(args: SparseBlockBenchmarkArguments) -> list[dict]:
         for key, reference in references.items():
             reference.load_state_dict(candidates["block"].state_dict(), strict=False)
             candidates[key] = reference.to(dtype)
-        if getattr(block.gate, "expert_choice", False):
+        if any(layer.routing_kind == EXPERT_CHOICE_ROUTING for layer in find_moe_layers(block)):
             _estimate_thresholds(block, hidden)
         row = dict(block=name)
         if case in same_function:

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..moe_layers import SELECTION_BIAS, MoeLayer, find_moe_layers, model_type, selection_bias
+from ..moe_layers import (
+    EXPERT_CHOICE_ROUTING,
+    SELECTION_BIAS,
+    MoeLayer,
+    find_moe_layers,
+    model_type,
+    selection_bias,
+)
 from .optimizer_step import optimizer_step_skipped
 from .router_stats import RouterStatsRecorder
 
@@ -27,6 +34,11 @@ DEFAULT_UPDATE_RATE = 1e-3  # u in arXiv 2408.15664; DeepSeek-V3's gamma for mos
 
 def no_selection_bias_message(model: nn.Module) -> str:
     """Why a model cannot be balanced without an auxiliary loss, and what would make it so."""
+    expert_choice = [layer.index for layer in find_moe_layers(model) if layer.routing_kind == EXPERT_CHOICE_ROUTING]
+    if expert_choice:
+        return (f"{type(model).__name__} (model_type={model_type(model)!r}) routes by expert choice (sparse layers "
+                f"{expert_choice}): each expert takes its C tokens, so the load is balanced by construction and "
+                "auxiliary-loss-free balancing, a selection bias on each token's top-k choice, does not apply to it")
     return (f"{type(model).__name__} (model_type={model_type(model)!r}) has no router selection bias "
             f"(`{SELECTION_BIAS}`), so auxiliary-loss-free balancing does not apply to it. hf_moe models get one "
             "with `router_bias_update_rate` > 0 (`hf-moe finetune --router_bias_update_rate 1e-3`, or "

@@ -10,7 +10,15 @@ from torch import nn
 from transformers import Cache
 
 from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, forward_trains, load_balancing_loss
-from ..moe_layers import find_moe_layers, model_type
+from ..moe_layers import (
+    EXPERT_CHOICE_ROUTING,
+    SELECTION_BIAS,
+    MoeLayer,
+    TokenAssignment,
+    find_moe_layers,
+    model_type,
+    token_assignment,
+)
 
 
 def is_per_layer_key(key: str) -> bool:
@@ -111,8 +119,7 @@ class RouterStatsRecorder:
         # An hf_moe model's load-balancing loss per router of the current call, for an output without aux_loss.
         self.computes_model_aux_loss = not loads_only and model_type(model) in SPARSE_BLOCKS
         self.call_aux_losses: list[torch.Tensor] = []
-        self.handles = [layer.router.register_forward_hook(self._hook(layer.index, layer.top_k))
-                        for layer in self.layers]
+        self.handles = [layer.router.register_forward_hook(self._hook(layer)) for layer in self.layers]
         # The attention mask of the current forward call: which router rows are padding.
         self.handles.append(model.register_forward_pre_hook(self._record_attention_mask, with_kwargs=True))
         if not loads_only:
@@ -180,46 +187,63 @@ class RouterStatsRecorder:
             # The model's `load_balancing_loss` averages its layers' terms.
             self.loss_terms["aux_loss"].append(torch.stack(call_aux_losses).mean().item())
 
-    def _hook(self, layer: int, top_k: int):
+    def _hook(self, layer: MoeLayer):
         def record(module, inputs, outputs):
             if self.only_training and not forward_trains(module):
                 return
             with torch.no_grad():
-                if isinstance(outputs, tuple) and len(outputs) >= 3:  # (logits, top-k weights, top-k index)
-                    self._record(layer, *outputs[:3], getattr(module, "e_score_correction_bias", None))
-                else:  # a router returning only its logits: assignments are the top-k of the logits
-                    logits = outputs[0] if isinstance(outputs, tuple) else outputs
-                    weights, index = logits.float().softmax(-1).topk(top_k, dim=-1)
-                    self._record(layer, logits, weights, index)
+                self._record(layer, token_assignment(layer, outputs), getattr(module, SELECTION_BIAS, None))
 
         return record
 
-    def _record(self, layer: int, logits: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
-                selection_bias: torch.Tensor | None = None) -> None:
-        if index.dtype == torch.bool:  # an expert-choice router: (rows, E) which experts took each row
-            self._record_expert_choice(layer, logits, index)
-            return
-        rows, top_k = index.shape
+    def _record(self, layer: MoeLayer, assignment: TokenAssignment, selection_bias: torch.Tensor | None) -> None:
+        chosen = assignment.chosen  # (rows, E)
+        rows = chosen.shape[0]
         row_mask = self._row_mask(rows)
-        real_rows = torch.ones(rows, device=index.device) if row_mask is None else row_mask.to(index.device)
-        counted = real_rows.repeat_interleave(top_k)  # (rows * k,) one per assignment
-        load = torch.zeros(self.num_experts[layer], device=index.device).index_add_(0, index.reshape(-1), counted)
-        self._add_load(layer, load)
+        real_rows = torch.ones(rows, device=chosen.device) if row_mask is None else row_mask.to(chosen.device)
+        taken = chosen.float() * real_rows[:, None]  # (rows, E), padding rows zero
+        self._add_load(layer.index, taken.sum(0))
         if self.loads_only:
             return
-        totals = self.totals[layer]
-        totals["assignments"] += counted.sum().item()
-        totals["dropped"] += ((weights.reshape(-1) == 0).float() * counted).sum().item()
-        self._record_router_terms(totals, logits, real_rows)
+        totals = self.totals[layer.index]
+        self._record_router_terms(totals, assignment.logits, real_rows)
+        if layer.routing_kind == EXPERT_CHOICE_ROUTING:
+            self._record_experts_per_row(totals, taken, real_rows)
+            return
+        totals["assignments"] += taken.sum().item()
+        totals["dropped"] += (assignment.dropped.float() * real_rows[:, None]).sum().item()
         if self.computes_model_aux_loss:  # padding as the loads count it (every row when the mask does not fit)
             mask = self.attention_mask if row_mask is not None else None
-            self.call_aux_losses.append(load_balancing_loss((logits,), top_k, mask, self.num_subtokens,
-                                                            selection_biases=(selection_bias,)))
-        if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
-            per_token = index.reshape(rows // self.num_subtokens, -1).sort(dim=-1).values  # (tokens, h * k)
-            distinct = 1 + (per_token[:, 1:] != per_token[:, :-1]).sum(-1)
-            totals["distinct_experts"] += distinct.float().sum().item()
+            self.call_aux_losses.append(load_balancing_loss((assignment.logits,), layer.top_k, mask,
+                                                            self.num_subtokens, selection_biases=(selection_bias,)))
+        # Top-k rows of padding tokens count here too (they have their k experts); expert choice counts real tokens.
+        self._record_distinct_experts(totals, chosen.float())
+
+    def _record_experts_per_row(self, totals, taken: torch.Tensor, real_rows: torch.Tensor) -> None:
+        """Expert choice: a row's expert count varies (mean and spread kept, and the rows no expert took)."""
+        experts_per_row = taken.sum(-1)[real_rows > 0]  # (real rows,)
+        assignments, squares, unrouted = torch.stack([  # one device-to-host copy for the three sums
+            experts_per_row.sum(), experts_per_row.square().sum(), (experts_per_row == 0).sum()]).tolist()
+        totals["assignments"] += assignments
+        totals["experts_per_row_squares"] += squares
+        totals["real_rows"] += experts_per_row.numel()
+        totals["unrouted_rows"] += unrouted
+        self._record_distinct_experts(totals, taken, real_rows)
+
+    def _record_distinct_experts(self, totals, taken: torch.Tensor, real_rows: torch.Tensor | None = None) -> None:
+        """MH-MoE: the distinct experts the h sub-tokens of each token reach (`taken (rows, E)` 1 where a row went
+        to an expert), over the tokens whose rows `real_rows` marks real (None: every token)."""
+        rows = taken.shape[0]
+        if self.num_subtokens == 1 or rows % self.num_subtokens:
+            return
+        per_token = taken.reshape(rows // self.num_subtokens, self.num_subtokens, -1).amax(1)  # (tokens, E)
+        if real_rows is None:
+            totals["distinct_experts"] += per_token.sum().item()
             totals["tokens"] += per_token.shape[0]
+            return
+        token_real = real_rows.reshape(-1, self.num_subtokens)[:, 0] > 0
+        totals["distinct_experts"] += per_token.sum(-1)[token_real].sum().item()
+        totals["tokens"] += token_real.sum().item()
 
     def _add_load(self, layer: int, load: torch.Tensor) -> None:
         self.step_load[layer] = load if layer not in self.step_load else self.step_load[layer] + load
@@ -240,30 +264,6 @@ class RouterStatsRecorder:
         totals["rows"] += count  # real rows
         totals["entropy"] += entropy_sum
         totals["z_loss"] += squared_log_z_sum / max(count, 1.0)
-
-    def _record_expert_choice(self, layer: int, logits: torch.Tensor, selected: torch.Tensor) -> None:
-        """Expert choice: the load is what each expert took; a row's expert count varies (mean and spread kept)."""
-        rows = selected.shape[0]
-        row_mask = self._row_mask(rows)
-        counted = torch.ones(rows, device=selected.device) if row_mask is None else row_mask.to(selected.device)
-        taken = selected.float() * counted[:, None]  # (rows, E), padding rows zero
-        self._add_load(layer, taken.sum(0))
-        if self.loads_only:
-            return
-        totals = self.totals[layer]
-        self._record_router_terms(totals, logits, counted)
-        experts_per_row = taken.sum(-1)[counted > 0]  # (real rows,)
-        assignments, squares, unrouted = torch.stack([  # one device-to-host copy for the three sums
-            experts_per_row.sum(), experts_per_row.square().sum(), (experts_per_row == 0).sum()]).tolist()
-        totals["assignments"] += assignments
-        totals["experts_per_row_squares"] += squares
-        totals["real_rows"] += experts_per_row.numel()
-        totals["unrouted_rows"] += unrouted
-        if self.num_subtokens > 1 and rows % self.num_subtokens == 0:
-            per_token = taken.reshape(rows // self.num_subtokens, self.num_subtokens, -1).amax(1)  # (tokens, E)
-            token_real = counted.reshape(-1, self.num_subtokens)[:, 0] > 0
-            totals["distinct_experts"] += per_token.sum(-1)[token_real].sum().item()
-            totals["tokens"] += token_real.sum().item()
 
     def load_matrix(self, cumulative: bool = True) -> tuple[list[int], torch.Tensor]:
         """(layer indices, (layers, E) fraction of assignments per expert)."""
