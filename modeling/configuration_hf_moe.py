@@ -357,15 +357,15 @@ class MoeConfig(PreTrainedConfig):
         plan = dict(_ATTENTION_TP_PLAN)
         if len(sparse_layers) < self.num_hidden_layers:
             plan.update(_DENSE_MLP_TP_PLAN)
-        if sparse_layers and self.router_type != "expert_choice":
+        if sparse_layers and self.routing_kind == TOP_K_ROUTING:
             plan.update(_EXPERTS_TP_PLAN)  # (expert choice: transformers' sharded experts take top-k assignments)
         return plan
 
     @property
     def base_model_ep_plan(self) -> dict[str, str]:
         """Expert-parallel plan of the base model: the experts of the sparse layers (empty without sparse layers)."""
-        expert_choice = self.router_type == "expert_choice"  # the EP dispatch takes top-k assignments
-        return dict(_EXPERTS_EP_PLAN) if self.sparse_layer_indices and not expert_choice else {}
+        top_k = self.routing_kind == TOP_K_ROUTING  # the EP dispatch takes top-k assignments
+        return dict(_EXPERTS_EP_PLAN) if self.sparse_layer_indices and top_k else {}
 
 
 class SwitchConfig(MoeConfig):

@@ -37,7 +37,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_hf_moe import EXPERT_CHOICE_ROUTING, MHMoeConfig, MoeConfig, SwitchConfig
+from .configuration_hf_moe import EXPERT_CHOICE_ROUTING, TOP_K_ROUTING, MHMoeConfig, MoeConfig, SwitchConfig
 from .experts_kernels_hf_moe import cpu_swiglu_experts, grouped_matmul
 
 logger = logging.get_logger(__name__)
@@ -191,50 +191,43 @@ def expert_choice_selection(scores: torch.Tensor, capacity_factor: float, group_
     return selected.reshape(num_rows, num_experts), cutoffs[has_rows].mean(0)
 
 
-class MoeTopKRouter(nn.Module):
-    """Token-choice router: float32 softmax over the experts, top-k, optional renormalisation and capacity.
+def forward_trains(module: nn.Module) -> bool:
+    """Whether a forward of `module` trains: train mode with gradients. Only such a forward may update training
+    state (expert-choice thresholds, the optimizer step's expert counts); RL trainers generate and score with the
+    policy in train mode under `torch.no_grad()`."""
+    return module.training and torch.is_grad_enabled()
 
-    Used by all three architectures (Switch: k=1 with capacity; MH-MoE: on sub-tokens of width d/h). Returns
-    `(router_logits (tokens, E) float32, top_k_weights (tokens, k), top_k_index (tokens, k))`; the logits are the
-    clean ones (no noise), which the load-balancing and z-losses read.
 
-    With `router_bias_update_rate` > 0 the router carries `e_score_correction_bias (E,)` (float32, no gradient):
-    auxiliary-loss-free balancing (arXiv 2408.15664, eq. 3) chooses the top-k of `probs + bias` but weights the chosen
-    experts by their unbiased `probs`. The name is the buffer's in transformers' DeepSeek-V3 / GLM-4-MoE routers.
+class MoeRouter(nn.Module):
+    """What every hf_moe router shares: the router weight `weight (E, d)`, logits in at least float32 (Switch Sec. 2.4,
+    selective precision), multiplicative jitter on the input (`router_jitter_noise`), the noisy top-k gate
+    (`router_type="noisy_topk"`, Shazeer et al. 2017, eq. 4: `x W_g + N(0, 1) * softplus(x W_noise)`) and the slot of
+    the selection bias `e_score_correction_bias (E,)` (float32, no gradient; see `MoeTopKRouter`).
 
-    With `router_type="expert_choice"` the experts choose (see `expert_choice_selection` and `MoeConfig`) and the
-    router returns `(router_logits, weights (tokens, E), selected (tokens, E) bool)`: the softmax affinity of every
-    chosen (token, expert) pair, 0 elsewhere. It then carries `expert_choice_threshold (E,)` (float32), the running
-    estimate of each expert's selection cutoff that routes tokens causally outside training, and
-    `expert_choice_threshold_updates` (how many training forwards estimated it; 0 = never).
+    Subclasses set `routing_kind` (what their outputs mean, see `configuration_hf_moe.TOP_K_ROUTING`) and return
+    `(router_logits (tokens, E) float32, weights, chosen)` from `forward(hidden_states, token_mask, group_size,
+    continues_cache)`; the logits are the clean ones (no noise), which the losses read. `run_experts` hands the
+    routing to the experts in the form they take for that kind.
     """
+
+    routing_kind: str
 
     def __init__(self, config: MoeConfig, input_size: int):
         super().__init__()
         self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.straight_through_topk = config.straight_through_topk
         self.jitter_noise = config.router_jitter_noise
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = config.eval_capacity_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, input_size))
-        # Noisy top-k gating (Shazeer et al. 2017, eq. 4): H(x) = x W_g + N(0, 1) * softplus(x W_noise).
         self.noise_weight = (
             nn.Parameter(torch.empty(config.num_experts, input_size)) if config.router_type == "noisy_topk" else None
         )
         self.register_buffer("e_score_correction_bias", None)  # a slot: saved once it holds a tensor
         if config.router_bias_update_rate > 0:
             self.add_selection_bias()
-        self.routing_kind = config.routing_kind
-        self.expert_choice = self.routing_kind == EXPERT_CHOICE_ROUTING
-        if self.expert_choice:
-            self.expert_capacity_factor = config.expert_capacity_factor
-            self.group_by_sequence = config.expert_choice_group == "sequence"
-            self.eval_rule = config.expert_choice_eval_rule
-            self.threshold_momentum = config.expert_choice_threshold_momentum
-            self.register_buffer("expert_choice_threshold", torch.zeros(config.num_experts, dtype=torch.float32))
-            self.register_buffer("expert_choice_threshold_updates", torch.zeros((), dtype=torch.long))
+
+    @property
+    def expert_choice(self) -> bool:
+        """Whether the experts choose their tokens (`routing_kind` as a flag)."""
+        return self.routing_kind == EXPERT_CHOICE_ROUTING
 
     # Router state that small steps move (the selection bias by gamma ~ 1e-3, the thresholds by momentum * change):
     # below a bfloat16 step near 1, so it stays float32 whatever dtype the model is cast to.
@@ -257,13 +250,8 @@ class MoeTopKRouter(nn.Module):
             self.e_score_correction_bias = torch.zeros(self.num_experts, dtype=torch.float32,
                                                        device=self.weight.device)
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
-                group_size: int | None = None, continues_cache: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all);
-        `group_size`: rows per sequence (expert choice per sequence); `continues_cache`: the call's tokens follow
-        tokens already in the KV cache (a decoding step), so they are not whole sequences (expert choice)."""
-        # Selective precision (Switch Sec. 2.4): the router runs in at least float32 whatever the model dtype.
+    def _logits_and_probs(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(router_logits (tokens, E), probs (tokens, E))`: clean logits, and the softmax of the noisy ones."""
         router_dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         router_input = hidden_states.to(router_dtype)  # (tokens, d)
         if self.training and self.jitter_noise > 0:
@@ -275,10 +263,36 @@ class MoeTopKRouter(nn.Module):
         if self.noise_weight is not None and self.training:
             noise_std = F.softplus(F.linear(router_input, self.noise_weight.to(router_dtype)))
             selection_logits = router_logits + torch.randn_like(router_logits) * noise_std
-        router_probs = selection_logits.softmax(dim=-1)
-        if self.expert_choice:
-            weights, selected = _expert_choice_forward(self, router_probs, token_mask, group_size, continues_cache)
-            return router_logits, weights.to(hidden_states.dtype), selected
+        return router_logits, selection_logits.softmax(dim=-1)
+
+
+class MoeTopKRouter(MoeRouter):
+    """Token choice: top-k of the softmax over the experts, optional renormalisation and capacity.
+
+    Used by all three architectures (Switch: k=1 with capacity; MH-MoE: on sub-tokens of width d/h). Returns
+    `(router_logits (tokens, E) float32, top_k_weights (tokens, k), top_k_index (tokens, k))`.
+
+    With `router_bias_update_rate` > 0 the router carries `e_score_correction_bias (E,)`: auxiliary-loss-free
+    balancing (arXiv 2408.15664, eq. 3) chooses the top-k of `probs + bias` but weights the chosen experts by their
+    unbiased `probs`. The name is the buffer's in transformers' DeepSeek-V3 / GLM-4-MoE routers.
+    """
+
+    routing_kind = TOP_K_ROUTING
+
+    def __init__(self, config: MoeConfig, input_size: int):
+        super().__init__(config, input_size)
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.straight_through_topk = config.straight_through_topk
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                group_size: int | None = None, continues_cache: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens for the capacity (None: all).
+        `group_size` and `continues_cache` are expert choice's (see `MoeExpertChoiceRouter`), unused here."""
+        router_logits, router_probs = self._logits_and_probs(hidden_states)
         if self.e_score_correction_bias is None:
             top_k_weights, top_k_index = router_probs.topk(self.top_k, dim=-1)  # (tokens, k)
         else:  # the bias decides which experts, the unbiased probabilities how much (arXiv 2408.15664, eq. 3)
@@ -295,50 +309,81 @@ class MoeTopKRouter(nn.Module):
                                                token_mask)
         return router_logits, top_k_weights.to(hidden_states.dtype), top_k_index
 
-
-def forward_trains(module: nn.Module) -> bool:
-    """Whether a forward of `module` trains: train mode with gradients. Only such a forward may update training
-    state (expert-choice thresholds, the optimizer step's expert counts); RL trainers generate and score with the
-    policy in train mode under `torch.no_grad()`."""
-    return module.training and torch.is_grad_enabled()
+    @staticmethod
+    def run_experts(experts: nn.Module, hidden_states: torch.Tensor, top_k_weights: torch.Tensor,
+                    top_k_index: torch.Tensor) -> torch.Tensor:
+        return experts(hidden_states, top_k_index, top_k_weights)  # transformers' experts interface
 
 
-def _expert_choice_forward(router: "MoeTopKRouter", probs: torch.Tensor, token_mask: torch.Tensor | None,
-                           group_size: int | None, continues_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(weights (rows, E), selected (rows, E) bool)` of an expert-choice router; see `MoeTopKRouter`.
+class MoeExpertChoiceRouter(MoeRouter):
+    """Expert choice (`router_type="expert_choice"`): the experts choose their tokens (see `expert_choice_selection`
+    and `MoeConfig`). Returns `(router_logits (tokens, E) float32, weights (tokens, E), selected (tokens, E) bool)`:
+    the softmax affinity of every chosen (token, expert) pair, 0 elsewhere.
 
-    Train mode selects by batch, as training does, so that scoring a batch under `torch.no_grad()` (the old and
-    reference log-probs of RL trainers) gives the training forward's output; only a forward that trains moves the
-    threshold. A decoding step without gradients (`continues_cache`: one new token per sequence, no selection group
-    of whole sequences) routes as outside training."""
-    trains = forward_trains(router)
-    if (router.training and (trains or not continues_cache)) or router.eval_rule == "batch":
-        selected, cutoff = expert_choice_selection(probs.detach(), router.expert_capacity_factor,
-                                                   group_size if router.group_by_sequence else None, token_mask)
-        if trains and cutoff is not None:
-            _update_threshold(router, cutoff)
-    elif router.expert_choice_threshold_updates > 0:
-        # The causal rule: an expert takes a token when the token's affinity reaches the expert's usual cutoff.
-        selected = probs >= router.expert_choice_threshold.to(probs.device)
-    else:
-        top = max(1, min(round(router.expert_capacity_factor), router.num_experts))
-        logger.warning_once(f"expert-choice router without an estimated threshold (never trained): routing each "
-                            f"token to its top-{top} experts outside training")
-        selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(top, dim=-1).indices, True)
-    if token_mask is not None:
-        selected = selected & token_mask.unsqueeze(-1).bool()
-    return probs * selected, selected  # the paper's gating: affinities of the chosen pairs, gradient through probs
+    Carries `expert_choice_threshold (E,)` (float32), the running estimate of each expert's selection cutoff that routes
+    tokens causally outside training, and `expert_choice_threshold_updates` (how many training forwards estimated it;
+    0 = never). The model learns its inference rule this way, as BatchNorm learns its running statistics, so the
+    estimate is part of the model.
+    """
+
+    routing_kind = EXPERT_CHOICE_ROUTING
+
+    def __init__(self, config: MoeConfig, input_size: int):
+        super().__init__(config, input_size)
+        self.expert_capacity_factor = config.expert_capacity_factor
+        self.group_by_sequence = config.expert_choice_group == "sequence"
+        self.eval_rule = config.expert_choice_eval_rule
+        self.threshold_momentum = config.expert_choice_threshold_momentum
+        self.register_buffer("expert_choice_threshold", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer("expert_choice_threshold_updates", torch.zeros((), dtype=torch.long))
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
+                group_size: int | None = None, continues_cache: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`hidden_states (tokens, d)`; `token_mask (tokens,)` bool marks real tokens (None: all); `group_size`: rows
+        per sequence (selection per sequence); `continues_cache`: the call's tokens follow tokens already in the KV
+        cache (a decoding step), so they are not whole sequences.
+
+        Train mode selects by batch, as training does, so that scoring a batch under `torch.no_grad()` (the old and
+        reference log-probs of RL trainers) gives the training forward's output; only a forward that trains moves the
+        threshold. A decoding step without gradients routes as outside training."""
+        router_logits, probs = self._logits_and_probs(hidden_states)
+        trains = forward_trains(self)
+        if (self.training and (trains or not continues_cache)) or self.eval_rule == "batch":
+            selected, cutoff = expert_choice_selection(probs.detach(), self.expert_capacity_factor,
+                                                       group_size if self.group_by_sequence else None, token_mask)
+            if trains and cutoff is not None:
+                self._update_threshold(cutoff)
+        elif self.expert_choice_threshold_updates > 0:
+            # The causal rule: an expert takes a token when the token's affinity reaches the expert's usual cutoff.
+            selected = probs >= self.expert_choice_threshold.to(probs.device)
+        else:
+            top = max(1, min(round(self.expert_capacity_factor), self.num_experts))
+            logger.warning_once(f"expert-choice router without an estimated threshold (never trained): routing each "
+                                f"token to its top-{top} experts outside training")
+            selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(top, dim=-1).indices, True)
+        if token_mask is not None:
+            selected = selected & token_mask.unsqueeze(-1).bool()
+        weights = probs * selected  # the paper's gating: affinities of the chosen pairs, gradient through probs
+        return router_logits, weights.to(hidden_states.dtype), selected
+
+    @torch.no_grad()
+    def _update_threshold(self, cutoff: torch.Tensor) -> None:
+        """Move the threshold towards this forward's cutoff: a plain average over the first 1/momentum updates, then
+        an exponential moving average (as BatchNorm's running statistics). With gradient checkpointing the recomputed
+        forward updates again with the same cutoff, which weights that batch twice."""
+        count = self.expert_choice_threshold_updates
+        rate = torch.clamp(1.0 / (count + 1).float(), min=self.threshold_momentum)
+        self.expert_choice_threshold.lerp_(cutoff.to(self.expert_choice_threshold), rate)
+        count += 1
+
+    @staticmethod
+    def run_experts(experts: nn.Module, hidden_states: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor
+                    ) -> torch.Tensor:
+        return experts(hidden_states, selection=selected, selection_weights=weights)
 
 
-@torch.no_grad()
-def _update_threshold(router: "MoeTopKRouter", cutoff: torch.Tensor) -> None:
-    """Move the threshold towards this forward's cutoff: a plain average over the first 1/momentum updates, then an
-    exponential moving average (as BatchNorm's running statistics). With gradient checkpointing the recomputed forward
-    updates again with the same cutoff, which weights that batch twice."""
-    count = router.expert_choice_threshold_updates
-    rate = torch.clamp(1.0 / (count + 1).float(), min=router.threshold_momentum)
-    router.expert_choice_threshold.lerp_(cutoff.to(router.expert_choice_threshold), rate)
-    count += 1
+ROUTERS = {TOP_K_ROUTING: MoeTopKRouter, EXPERT_CHOICE_ROUTING: MoeExpertChoiceRouter}
 
 
 def _router_row_mask(attention_mask, num_rows: int, num_subtokens: int, device) -> torch.Tensor | None:
@@ -555,13 +600,19 @@ class MoeExperts(nn.Module):
                 and all(type(w) in (torch.Tensor, nn.Parameter) for w in weights)
                 and self.gate_up_proj.shape[0] == self.num_experts)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-                ) -> torch.Tensor:
-        """`top_k_index (tokens, k)` and `top_k_weights (tokens, k)`; or, from an expert-choice router, a bool
-        selection `(tokens, E)` and its weights `(tokens, E)` (see `forward_selection`). Both go through this method,
-        so wrappers of the experts' forward (peft's `target_parameters` LoRA) apply to either."""
-        if top_k_index.dtype == torch.bool:
-            return self.forward_selection(hidden_states, top_k_index, top_k_weights)
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None, *, selection: torch.Tensor | None = None,
+                selection_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Token choice: `top_k_index (tokens, k)` and `top_k_weights (tokens, k)` (transformers' experts interface).
+        Expert choice: `selection (tokens, E)` bool, the experts that took each token, and `selection_weights
+        (tokens, E)`. Both enter through this method, so wrappers of the experts' forward (peft's `target_parameters`
+        LoRA) apply to either."""
+        if selection is not None:
+            # The (expert, token) pairs come out of `nonzero` already grouped by expert, so no sort is needed; the
+            # group sizes are data-dependent (eager only: the models switch off full-graph compilation for it).
+            expert_of_assignment, token_of_assignment = selection.t().nonzero(as_tuple=True)
+            return self._run_sorted(hidden_states, token_of_assignment, selection.sum(0),
+                                    selection_weights[token_of_assignment, expert_of_assignment])
         top_k = top_k_index.shape[-1]
         expert_of_assignment = top_k_index.reshape(-1)  # (tokens * k,)
         order = expert_of_assignment.argsort(stable=True)  # assignments grouped by expert
@@ -571,16 +622,6 @@ class MoeExperts(nn.Module):
             0, expert_of_assignment, torch.ones_like(expert_of_assignment))
         return self._run_sorted(hidden_states, token_of_assignment, tokens_per_expert,
                                 top_k_weights.reshape(-1)[order])
-
-    def forward_selection(self, hidden_states: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor
-                          ) -> torch.Tensor:
-        """Expert choice: `selected (tokens, E)` bool, `weights (tokens, E)`; each expert runs on its own tokens.
-
-        The (expert, token) pairs come out of `nonzero` already grouped by expert, so no sort is needed; the group
-        sizes are data-dependent (eager only: the models switch off full-graph compilation for expert choice)."""
-        expert_of_assignment, token_of_assignment = selected.t().nonzero(as_tuple=True)  # grouped by expert
-        return self._run_sorted(hidden_states, token_of_assignment, selected.sum(0),
-                                weights[token_of_assignment, expert_of_assignment])
 
     def _run_sorted(self, hidden_states: torch.Tensor, token_of_assignment: torch.Tensor,
                     tokens_per_expert: torch.Tensor, combine_weights: torch.Tensor) -> torch.Tensor:
@@ -598,12 +639,11 @@ class MoeExperts(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ sparse blocks
-def _route_and_run(gate: MoeTopKRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
+def _route_and_run(gate: MoeRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
                    group_size: int, continues_cache: bool = False) -> torch.Tensor:
-    """Route `rows (rows, d)` and run the experts on them: top-k assignments, or the experts' own choice."""
-    # Expert choice: `chosen` is a (rows, E) bool selection.
+    """Route `rows (rows, d)` and run the experts on them, in the form the router's kind takes."""
     _, weights, chosen = gate(rows, row_mask, group_size, continues_cache)
-    return experts(rows, chosen, weights)
+    return gate.run_experts(experts, rows, weights, chosen)
 
 
 class MoeSparseBlock(nn.Module):
@@ -611,7 +651,7 @@ class MoeSparseBlock(nn.Module):
 
     def __init__(self, config: MoeConfig):
         super().__init__()
-        self.gate = MoeTopKRouter(config, config.hidden_size)
+        self.gate = ROUTERS[config.routing_kind](config, config.hidden_size)
         self.experts = MoeExperts(config, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = None
         if config.num_shared_experts > 0:
@@ -621,7 +661,7 @@ class MoeSparseBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
                 continues_cache: bool = False) -> torch.Tensor:
         """`token_mask (batch, seq)` bool marks the real tokens (see `drop_over_capacity`); None: all are real.
-        `continues_cache`: the tokens follow cached ones (see `MoeTopKRouter.forward`)."""
+        `continues_cache`: the tokens follow cached ones (see `MoeExpertChoiceRouter.forward`)."""
         input_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
         row_mask = token_mask.reshape(-1) if token_mask is not None else None
@@ -644,7 +684,7 @@ class MHMoeSparseBlock(nn.Module):
         self.num_heads = config.num_moe_heads
         self.sub_token_size = config.hidden_size // config.num_moe_heads
         self.head_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
-        self.gate = MoeTopKRouter(config, self.sub_token_size)
+        self.gate = ROUTERS[config.routing_kind](config, self.sub_token_size)
         self.experts = MoeExperts(config, self.sub_token_size, config.moe_intermediate_size)
         self.merge_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
         self.shared_experts = None
@@ -655,7 +695,7 @@ class MHMoeSparseBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None,
                 continues_cache: bool = False) -> torch.Tensor:
         """`token_mask (batch, seq)` bool marks the real tokens; each one's h sub-tokens share its flag.
-        `continues_cache`: the tokens follow cached ones (see `MoeTopKRouter.forward`)."""
+        `continues_cache`: the tokens follow cached ones (see `MoeExpertChoiceRouter.forward`)."""
         input_shape = hidden_states.shape
         sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
         row_mask = token_mask.reshape(-1).repeat_interleave(self.num_heads) if token_mask is not None else None
@@ -781,7 +821,7 @@ class MoePreTrainedModel(PreTrainedModel):
     # traceable kernel), so a static cache and `torch.compile(fullgraph=True)` decoding work.
     _can_compile_fullgraph = True
     _can_record_outputs = {
-        "router_logits": OutputRecorder(MoeTopKRouter, index=0),
+        "router_logits": [OutputRecorder(MoeTopKRouter, index=0), OutputRecorder(MoeExpertChoiceRouter, index=0)],
         "hidden_states": MoeDecoderLayer,
         "attentions": MoeAttention,
     }
@@ -796,13 +836,13 @@ class MoePreTrainedModel(PreTrainedModel):
         if isinstance(module, MoeExperts):
             for weight in (module.gate_up_proj, module.down_proj):
                 self._init_matrix(weight, fan_in=weight.shape[-1])
-        elif isinstance(module, MoeTopKRouter):
+        elif isinstance(module, MoeRouter):
             self._init_matrix(module.weight, fan_in=module.weight.shape[-1])
             if module.noise_weight is not None:
                 init.zeros_(module.noise_weight)  # Shazeer et al. 2017, App. A: start without noise
             if module.e_score_correction_bias is not None:
                 init.zeros_(module.e_score_correction_bias)  # a new bias starts neutral
-            if module.expert_choice:  # not estimated yet
+            if isinstance(module, MoeExpertChoiceRouter):  # not estimated yet
                 init.zeros_(module.expert_choice_threshold)
                 init.zeros_(module.expert_choice_threshold_updates)
         elif isinstance(module, MHMoeSparseBlock):
@@ -825,7 +865,7 @@ class MoePreTrainedModel(PreTrainedModel):
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         # transformers defaults to its "grouped_mm" backend; the experts' own forward is faster for these models
         # (README, benchmark table), so it is the default here. Any registered backend can still be requested...
-        if self.config.router_type == "expert_choice" and requested_experts not in (None, "eager"):
+        if self.config.routing_kind == EXPERT_CHOICE_ROUTING and requested_experts not in (None, "eager"):
             # ...except with expert choice: transformers' backends take (tokens, k) assignments, not a selection.
             raise ValueError(f"`experts_implementation`={requested_experts!r} is invalid with "
                              "`router_type`='expert_choice': only 'eager' (the experts' own forward) takes "
@@ -834,8 +874,8 @@ class MoePreTrainedModel(PreTrainedModel):
 
     def post_init(self):
         super().post_init()
-        if self.config.router_type == "expert_choice":
-            self._can_compile_fullgraph = False  # expert group sizes are data-dependent (`forward_selection`)
+        if self.config.routing_kind == EXPERT_CHOICE_ROUTING:
+            self._can_compile_fullgraph = False  # expert group sizes are data-dependent (`MoeExperts.forward`)
 
     def set_expert_choice_eval_rule(self, rule: str) -> None:
         """Expert-choice routing outside training: "threshold" (causal, the default) or "batch" (the training
@@ -843,7 +883,7 @@ class MoePreTrainedModel(PreTrainedModel):
         self.config.expert_choice_eval_rule = rule
         self.config.validate()
         for module in self.modules():
-            if isinstance(module, MoeTopKRouter) and module.expert_choice:
+            if isinstance(module, MoeExpertChoiceRouter):
                 module.eval_rule = rule
 
     def set_router_bias_update_rate(self, rate: float) -> None:
@@ -853,7 +893,7 @@ class MoePreTrainedModel(PreTrainedModel):
         self.config.router_bias_update_rate = rate
         self.config.validate()
         for module in self.modules():
-            if isinstance(module, MoeTopKRouter):
+            if isinstance(module, MoeRouter):
                 if rate > 0:
                     module.add_selection_bias()
                 else:
@@ -895,12 +935,12 @@ class MoeModel(MoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
         # Only expert capacity and expert choice need to know the padding; dropless top-k treats every row alike.
+        expert_choice = self.config.routing_kind == EXPERT_CHOICE_ROUTING
         token_mask = None
-        if (self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None
-                or self.config.router_type == "expert_choice"):
+        if self.config.capacity_factor is not None or self.config.eval_capacity_factor is not None or expert_choice:
             token_mask = real_token_mask(attention_mask, *inputs_embeds.shape[:2], past_seen_tokens)
         # Expert choice routes a decoding step (tokens after cached ones) without gradients as at inference.
-        continues_cache = self.config.router_type == "expert_choice" and bool(past_seen_tokens)
+        continues_cache = expert_choice and bool(past_seen_tokens)
 
         if not isinstance(mask_mapping := attention_mask, dict):  # `generate` may have prepared them already
             mask_kwargs = {
@@ -997,7 +1037,7 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         loss = lm_loss = aux_loss = z_loss = sequence_aux_loss = None
         if need_router_logits:
             router_logits, biases = outputs.router_logits, self.selection_biases()
-            if config.router_type != "expert_choice":  # expert choice is balanced by construction: no such loss
+            if config.routing_kind != EXPERT_CHOICE_ROUTING:  # balanced by construction: no such loss
                 aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask,
                                                config.num_subtokens, self._global_dispatch_fraction(
                                                    router_logits, attention_mask, labels, biases),

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from hf_moe.modeling.modeling_hf_moe import MHMoeSparseBlock, MoeSparseBlock, MoeTopKRouter, expert_choice_selection
+from hf_moe.modeling.modeling_hf_moe import (
+    MHMoeSparseBlock,
+    MoeExpertChoiceRouter,
+    MoeSparseBlock,
+    expert_choice_selection,
+)
 from hf_moe.moe_layers import find_moe_layers
 
 from .conftest import tiny_config
@@ -119,7 +124,7 @@ def test_mh_moe_experts_choose_sub_tokens():
 # ------------------------------------------------------------------------------------------------ causal rule
 def test_threshold_is_the_running_estimate_of_the_cutoff():
     config = _ec_config(num_experts=4, expert_choice_threshold_momentum=0.25)
-    router = MoeTopKRouter(config, 32).train()
+    router = MoeExpertChoiceRouter(config, 32).train()
     torch.nn.init.normal_(router.weight, std=0.5)
     expected = None
     for step in range(8):
@@ -138,7 +143,7 @@ def test_threshold_is_the_running_estimate_of_the_cutoff():
 
 def test_threshold_rule_gives_the_capacity_factor_on_average_on_the_training_distribution():
     config = _ec_config(num_experts=8, expert_capacity_factor=2.0, expert_choice_threshold_momentum=0.05)
-    router = MoeTopKRouter(config, 32).train()
+    router = MoeExpertChoiceRouter(config, 32).train()
     torch.nn.init.normal_(router.weight, std=0.5)
     for _ in range(60):
         router(torch.randn(64, 32))

@@ -5,11 +5,18 @@ import math
 
 import pytest
 import torch
-from transformers import MixtralConfig
+from transformers import AutoModelForCausalLM, MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from hf_moe import load_balancing_loss, router_z_loss
-from hf_moe.modeling.modeling_hf_moe import MHMoeSparseBlock, MoeSparseBlock, drop_over_capacity
+from hf_moe.modeling import EXPERT_CHOICE_ROUTING, TOP_K_ROUTING
+from hf_moe.modeling.modeling_hf_moe import (
+    MHMoeSparseBlock,
+    MoeExpertChoiceRouter,
+    MoeSparseBlock,
+    MoeTopKRouter,
+    drop_over_capacity,
+)
 
 from .conftest import tiny_config
 
@@ -276,3 +283,26 @@ def test_straight_through_top1_has_weight_one_and_still_trains_the_router():
     plain_block(tokens[None]).sum().backward()
     # p / p has no gradient (up to float rounding): why the option exists.
     assert plain_block.gate.weight.grad.abs().sum().item() < 1e-3 * straight_through
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "router_class", "kind"), [
+    ("hf_moe", {}, MoeTopKRouter, TOP_K_ROUTING),
+    ("hf_moe", dict(router_type="noisy_topk"), MoeTopKRouter, TOP_K_ROUTING),
+    ("hf_switch", {}, MoeTopKRouter, TOP_K_ROUTING),
+    ("hf_mh_moe", {}, MoeTopKRouter, TOP_K_ROUTING),
+    ("hf_moe", dict(router_type="expert_choice"), MoeExpertChoiceRouter, EXPERT_CHOICE_ROUTING),
+    ("hf_mh_moe", dict(router_type="expert_choice"), MoeExpertChoiceRouter, EXPERT_CHOICE_ROUTING),
+])
+def test_each_sparse_block_builds_the_router_of_its_config_routing_kind(model_type, overrides, router_class, kind):
+    config = tiny_config(model_type, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
+    routers = [layer.mlp.gate for layer in model.model.layers if layer.is_sparse]
+    assert config.routing_kind == kind
+    assert {type(router) for router in routers} == {router_class}
+    assert {router.routing_kind for router in routers} == {kind}
+    # Both kinds are declared as transformers' router-logits recorders: the logits of every sparse layer come out.
+    recorded = [recorder.target_class for recorder in model._can_record_outputs["router_logits"]]
+    assert recorded == [MoeTopKRouter, MoeExpertChoiceRouter]
+    out = model(input_ids=torch.randint(3, 97, (2, 5)), output_router_logits=True)
+    assert len(out.router_logits) == len(routers)
+    assert all(logits.shape == (10 * config.num_subtokens, config.num_experts) for logits in out.router_logits)
