@@ -13,6 +13,7 @@ from ..checkpoints.names import DENSE_MLP_WEIGHT, SparseBlockNames
 from ..checkpoints.reading import DenseCheckpoint
 from ..checkpoints.writing import write_model_folder
 from ..hub.upcycled import write_upcycled_card
+from ..modeling.configuration_hf_moe import EXPERT_CHOICE_ROUTING
 from .arguments import UpcycleArguments, output_dtype, prepare
 from .experts import (
     copy_experts,
@@ -64,12 +65,12 @@ def _sparse_block_tensors(layer: int, gate, up, down, config, args, generator, c
         scale = split_output_scale(num_experts, args.granularity, args.top_k, config.norm_topk_prob)
         gate_up, down_experts = split_experts(gate, up, down, num_experts, args.granularity, scale)
 
-    if config.router_type == "expert_choice":
+    if config.routing_kind == EXPERT_CHOICE_ROUTING:
         # A token's output is sum over the experts that took it of p * FFN(x); with near-uniform initial routers
         # p ~ 1/E and c experts per token on average, so E/c makes the expected output the dense FFN's.
         down_experts = down_experts * (num_experts / config.expert_capacity_factor)
         # No threshold estimated yet: until the first training forward, inference routes each token to its top-c
-        # experts (the output then is about the dense model's), see `MoeTopKRouter`.
+        # experts (the output then is about the dense model's), see `MoeExpertChoiceRouter`.
         tensors[names.expert_choice_threshold] = torch.zeros(num_experts, dtype=torch.float32)
         tensors[names.expert_choice_threshold_updates] = torch.zeros((), dtype=torch.long)
     # Split experts: one router row per virtual copy, repeated for its G shards.
