@@ -125,8 +125,10 @@ class MoeConfig(PreTrainedConfig):
             frequencies f_e of the load-balancing loss are counted while training. `"micro_batch"`: the tokens of
             each forward call. `"global_batch"` (Qiu et al., arXiv 2501.11873, as in Qwen3-MoE): f_e is summed over
             all data-parallel processes (one all-reduce of a (layers, E) tensor per forward call) and over the
-            gradient-accumulation micro-batches of the optimizer step seen so far (see
-            `MoeForCausalLM.begin_optimizer_step`); P_e stays local and carries the gradient.
+            gradient-accumulation micro-batches of the optimizer step seen so far; P_e stays local and carries the
+            gradient. That needs hf_moe's training add-ons (`hf_moe.training.OptimizerStepCallback`, or
+            `begin_optimizer_step` in a plain loop); a model without them (remote code where hf_moe is not
+            installed) counts f_e over each forward call's tokens, as `"micro_batch"`, and warns once.
         router_sequence_aux_loss_coef (`float`, defaults to 0.0): weight of the sequence-wise balance loss of
             DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2, eqs. 17-20): `E * sum_e f_e * P_e` computed within each
             sequence and averaged over the sequences, which keeps single sequences from piling onto few experts.

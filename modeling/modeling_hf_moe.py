@@ -520,34 +520,6 @@ def expert_dispatch_counts(router_logits: tuple[torch.Tensor, ...], top_k: int, 
     return torch.stack(counts)
 
 
-def _sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` summed over all processes of the default group (in place) when torch.distributed runs."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor
-
-
-class OptimizerStepRouting:
-    """What the micro-batches of one optimizer step share: the expert counts seen so far and the step's token count.
-
-    Global-batch balancing needs f_e over the whole step, but the micro-batches of a step are forwarded and
-    backwarded one after another, so micro-batch j can only use the counts of micro-batches 1..j (on all
-    processes): the first micro-batch of a step balances against its own f_e, the last against the exact global
-    one. Waiting for all of them would mean keeping every micro-batch's graph alive (the memory of the whole batch).
-    The cost is one (layers, E) buffer and one all-reduce of it per forward call.
-    """
-
-    def __init__(self, num_router_tokens: int | float | None = None):
-        self.num_router_tokens = num_router_tokens
-        self.dispatch_counts: torch.Tensor | None = None
-
-    def add(self, counts: torch.Tensor) -> torch.Tensor:
-        """Add this micro-batch's counts; returns the counts of the step so far."""
-        self.dispatch_counts = counts if self.dispatch_counts is None else self.dispatch_counts + counts
-        return self.dispatch_counts
-
-
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, num_subtokens: int = 1
                   ) -> torch.Tensor:
     """Router z-loss, ST-MoE eq. 5: `mean_tokens(logsumexp(logits)^2)`, averaged over layers; padding excluded."""
@@ -559,6 +531,69 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask=None, 
         row_mask = _router_row_mask(attention_mask, logits.shape[0], num_subtokens, logits.device)
         losses.append(_masked_mean(squared_log_z, row_mask))
     return torch.stack(losses).mean()
+
+
+def share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+    """This micro-batch's share of the label tokens of the whole optimizer step (1.0 without `num_items_in_batch`).
+
+    Under gradient accumulation (and token averaging across processes) transformers' Trainer passes
+    `num_items_in_batch`, divides the LM loss by it and no longer divides by the accumulation steps; a per-micro-batch
+    auxiliary loss would then count once per micro-batch (transformers issue 48690). Weighting it by this share makes
+    the accumulated auxiliary term the token-weighted mean over the micro-batches, as in a single large batch.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    local_items = labels[..., 1:].ne(-100).sum()  # counted as the Trainer counts: shifted causal-LM labels
+    return local_items / torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
+
+
+@dataclass
+class RouterLosses:
+    """The router terms of a training loss (see `router_losses`); `weighted` is what the loss adds, times the
+    micro-batch's share of the step."""
+
+    aux_loss: torch.Tensor | None
+    z_loss: torch.Tensor
+    sequence_aux_loss: torch.Tensor | None
+    weighted: torch.Tensor
+
+
+def router_losses(config: MoeConfig, router_logits: tuple[torch.Tensor, ...], attention_mask=None, *,
+                  batch_size: int, position_ids: torch.Tensor | None = None,
+                  selection_biases: tuple[torch.Tensor | None, ...] | None = None,
+                  global_dispatch_fraction: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                  aux_loss_coef: float | None = None, device=None) -> RouterLosses:
+    """The router terms an hf_moe model adds to its loss, from one forward call's router logits (the model's own
+    forward and hf_moe's TRL trainers both call this):
+
+    `weighted = router_z_loss_coef * z_loss + aux_loss_coef * aux_loss (+ router_sequence_aux_loss_coef *
+    sequence_aux_loss)`; `aux_loss` is None for expert choice (balanced by construction) and `aux_loss_coef` is the
+    config's `router_aux_loss_coef` unless given; `sequence_aux_loss` only when its coefficient is > 0. The loss is
+    `lm_loss + weighted * share`, `share` the micro-batch's share of the optimizer step (`share_of_accumulated_batch`).
+
+    `batch_size` and `position_ids` delimit the sequences of the sequence-wise term. `global_dispatch_fraction(counts)`
+    turns this call's expert counts `(layers, E)` into the f_e of global-batch balancing (the model's optimizer-step
+    hook); None: f_e of these logits. Every term is moved to `device` when given.
+    """
+    top_k, subtokens = config.num_experts_per_tok, config.num_subtokens
+    aux_loss = sequence_aux_loss = None
+    if config.routing_kind == TOP_K_ROUTING:
+        fraction = None
+        if global_dispatch_fraction is not None:
+            fraction = global_dispatch_fraction(expert_dispatch_counts(router_logits, top_k, attention_mask, subtokens,
+                                                                       selection_biases))
+        aux_loss = load_balancing_loss(router_logits, top_k, attention_mask, subtokens, fraction,
+                                       selection_biases=selection_biases).to(device)
+    z_loss = router_z_loss(router_logits, attention_mask, subtokens).to(device)
+    if config.router_sequence_aux_loss_coef > 0:
+        sequence_aux_loss = sequence_balance_loss(router_logits, top_k, batch_size, attention_mask, subtokens,
+                                                  selection_biases, position_ids).to(device)
+    weighted = config.router_z_loss_coef * z_loss
+    if aux_loss is not None:
+        weighted = weighted + (config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef) * aux_loss
+    if sequence_aux_loss is not None:
+        weighted = weighted + config.router_sequence_aux_loss_coef * sequence_aux_loss
+    return RouterLosses(aux_loss, z_loss, sequence_aux_loss, weighted)
 
 
 # ------------------------------------------------------------------------------------------------ experts
@@ -975,24 +1010,10 @@ class MoeModel(MoePreTrainedModel):
 
 
 def _local_router_tokens(attention_mask, input_shape: torch.Size) -> torch.Tensor | int:
-    """Tokens of this forward call that the routers count (non-padding), as `begin_optimizer_step` counts them."""
+    """Tokens of this forward call that the routers count (non-padding), as the optimizer step counts them."""
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         return attention_mask[:, -input_shape[1]:].sum()
     return input_shape[0] * input_shape[1]
-
-
-def _share_of_accumulated_batch(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
-    """This micro-batch's share of the label tokens of the whole optimizer step.
-
-    Under gradient accumulation (and token averaging across processes) transformers' Trainer passes
-    `num_items_in_batch`, divides the LM loss by it and no longer divides by the accumulation steps; a per-micro-batch
-    auxiliary loss would then count once per micro-batch (transformers issue 48690). Weighting it by this share makes
-    the accumulated auxiliary term the token-weighted mean over the micro-batches, as in a single large batch.
-    """
-    if num_items_in_batch is None:
-        return 1.0
-    local_items = labels[..., 1:].ne(-100).sum()  # counted as the Trainer counts: shifted causal-LM labels
-    return local_items / torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
 
 
 class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
@@ -1034,35 +1055,23 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
-        loss = lm_loss = aux_loss = z_loss = sequence_aux_loss = None
+        loss = lm_loss = router = None
         if need_router_logits:
-            router_logits, biases = outputs.router_logits, self.selection_biases()
-            if config.routing_kind != EXPERT_CHOICE_ROUTING:  # balanced by construction: no such loss
-                aux_loss = load_balancing_loss(router_logits, config.num_experts_per_tok, attention_mask,
-                                               config.num_subtokens, self._global_dispatch_fraction(
-                                                   router_logits, attention_mask, labels, biases),
-                                               selection_biases=biases).to(logits.device)
-            z_loss = router_z_loss(router_logits, attention_mask, config.num_subtokens).to(logits.device)
-            if config.router_sequence_aux_loss_coef > 0:
-                sequence_aux_loss = sequence_balance_loss(
-                    router_logits, config.num_experts_per_tok, outputs.last_hidden_state.shape[0], attention_mask,
-                    config.num_subtokens, biases, position_ids).to(logits.device)
+            router = router_losses(
+                config, outputs.router_logits, attention_mask, batch_size=outputs.last_hidden_state.shape[0],
+                position_ids=position_ids, selection_biases=self.selection_biases(),
+                global_dispatch_fraction=self._global_dispatch_fraction(labels), device=logits.device)
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=config.vocab_size, **kwargs)
-            aux_terms = config.router_z_loss_coef * z_loss
-            if aux_loss is not None:
-                aux_terms = aux_terms + config.router_aux_loss_coef * aux_loss
-            if sequence_aux_loss is not None:
-                aux_terms = aux_terms + config.router_sequence_aux_loss_coef * sequence_aux_loss
-            loss = lm_loss + aux_terms * self._share_of_step(labels, attention_mask, outputs.last_hidden_state.shape,
-                                                             kwargs)
+            loss = lm_loss + router.weighted * self._share_of_step(labels, attention_mask,
+                                                                   outputs.last_hidden_state.shape, kwargs)
 
         return MoeCausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            sequence_aux_loss=sequence_aux_loss,
+            aux_loss=router.aux_loss if router else None,
+            z_loss=router.z_loss if router else None,
+            sequence_aux_loss=router.sequence_aux_loss if router else None,
             logits=logits,
             **{_CACHE_NAME: getattr(outputs, _CACHE_NAME)},
             hidden_states=outputs.hidden_states,
@@ -1071,47 +1080,37 @@ class MoeForCausalLM(MoePreTrainedModel, GenerationMixin):
         )
 
 
-    # ---------------------------------------------------------------------------------- optimizer-step scope
-    def begin_optimizer_step(self, num_router_tokens: int | float | None = None) -> None:
-        """Mark the start of an optimizer step (before its first micro-batch); the Trainer callback
-        `hf_moe.training.OptimizerStepCallback` calls it, plain loops call it themselves.
-
-        - With `router_aux_loss_scope="global_batch"`, the micro-batches of the step then share their expert counts.
-        - `num_router_tokens`: the step's non-padding input tokens over all micro-batches and data-parallel
-          processes. With it, each micro-batch weights its aux and z-loss by its share of these tokens, so the
-          accumulated z-loss is the per-router-token mean of the whole step however it is split. Without it, the
-          share of `num_items_in_batch` label tokens is used (equal only when label and input tokens are).
-        """
-        self._optimizer_step = OptimizerStepRouting(num_router_tokens)
-
-    def end_optimizer_steps(self) -> None:
-        """Back to per-forward behaviour (no shared counts, label-token weighting), e.g. after training."""
-        self._optimizer_step = None
-
     def selection_biases(self) -> tuple[torch.Tensor | None, ...] | None:
         """The routers' selection biases in layer order (auxiliary-loss-free balancing), or None without any."""
         biases = tuple(layer.mlp.gate.e_score_correction_bias for layer in self.model.layers if layer.is_sparse)
         return biases if any(bias is not None for bias in biases) else None
 
-    def _global_dispatch_fraction(self, router_logits, attention_mask, labels, selection_biases=None
-                                  ) -> torch.Tensor | None:
-        """f_e (layers, E) over the data-parallel processes and the step so far, or None for micro-batch scope."""
-        config = self.config
-        if config.router_aux_loss_scope != "global_batch" or not forward_trains(self) or labels is None:
+    # The optimizer step a training forward belongs to: global-batch balancing counts f_e over the step's micro-batches
+    # and processes, and the aux terms are weighted by the micro-batch's share of the step's router tokens. That is
+    # state across forward calls and collectives across processes, which belong to the training loop, not to this file:
+    # hf_moe's training add-ons (`hf_moe.training.optimizer_step`) install an object here with
+    # `dispatch_fraction(counts (layers, E)) -> f_e (layers, E)` and `share_of_step(router_tokens) -> weight or None`.
+    optimizer_step_hook = None
+
+    def _global_dispatch_fraction(self, labels) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The optimizer-step hook's f_e for global-batch balancing in a training forward, else None (f_e of the
+        call's own tokens)."""
+        if self.config.router_aux_loss_scope != "global_batch" or not forward_trains(self) or labels is None:
             return None  # the step's counts and the collectives only in training forwards, which every process runs
-        counts = _sum_over_processes(expert_dispatch_counts(router_logits, config.num_experts_per_tok,
-                                                            attention_mask, config.num_subtokens, selection_biases))
-        step = getattr(self, "_optimizer_step", None)
-        if step is not None:
-            counts = step.add(counts)
-        return counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        if self.optimizer_step_hook is None:
+            logger.warning_once("router_aux_loss_scope='global_batch' needs the optimizer step of hf_moe's training "
+                                "add-ons (hf_moe.training.OptimizerStepCallback, or begin_optimizer_step in a plain "
+                                "loop); without them the load-balancing loss counts f_e over each forward call's "
+                                "tokens (micro-batch scope)")
+            return None
+        return self.optimizer_step_hook.dispatch_fraction
 
     def _share_of_step(self, labels, attention_mask, hidden_shape, loss_kwargs) -> torch.Tensor | float:
         """This micro-batch's weight for the aux and z-loss (its share of the step's router tokens if known)."""
-        step = getattr(self, "_optimizer_step", None)
-        if self.training and step is not None and step.num_router_tokens:
-            return _local_router_tokens(attention_mask, hidden_shape) / step.num_router_tokens
-        return _share_of_accumulated_batch(labels, loss_kwargs.get("num_items_in_batch"))
+        share = None
+        if self.training and self.optimizer_step_hook is not None:
+            share = self.optimizer_step_hook.share_of_step(_local_router_tokens(attention_mask, hidden_shape))
+        return share_of_accumulated_batch(labels, loss_kwargs.get("num_items_in_batch")) if share is None else share
 
 
 class MoeForSequenceClassification(GenericForSequenceClassification, MoePreTrainedModel):
@@ -1189,4 +1188,5 @@ __all__ = [
     "MoeCausalLMOutput", "load_balancing_loss", "router_z_loss", "drop_over_capacity", "MODEL_CLASSES",
     "sequence_balance_loss", "chosen_experts",
 ]
-__all__ += ["expert_dispatch_counts", "OptimizerStepRouting", "expert_choice_selection"]
+__all__ += ["expert_dispatch_counts", "expert_choice_selection", "router_losses", "RouterLosses",
+            "share_of_accumulated_batch"]

@@ -1,6 +1,8 @@
 """A saved folder loads with trust_remote_code=True in a process where hf_moe cannot be imported."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +72,57 @@ torch.save({"loss": loss.detach(), "grad": model.model.layers[layer].mlp.experts
     assert len(remote["kernels"]) == 1 and remote["kernels"][0].startswith("transformers_modules.")
     assert (remote["loss"] - expected.detach()).abs().item() < 1e-6
     assert (remote["grad"] - expected_grad).abs().max().item() < 1e-6
+
+
+def test_no_model_file_holds_a_collective():
+    """Collectives and training state are hf_moe's training add-ons', not the remote code's: the source text of
+    every file in modeling/ names no torch.distributed."""
+    import hf_moe.modeling
+
+    folder = Path(hf_moe.modeling.__file__).parent
+    paths = sorted(folder.glob("*.py"))
+    assert {path.name for path in paths} >= set(CODE_FILES)
+    for path in paths:
+        text = path.read_text()
+        for needle in ("torch.distributed", "from torch import distributed", "all_reduce", "all_gather"):
+            assert needle not in text, (path.name, needle)
+
+
+_GLOBAL_BATCH_WITHOUT_HF_MOE = """
+import json, logging, sys, torch
+from transformers import AutoModelForCausalLM
+global_folder, micro_folder, ids, result_path = sys.argv[1:5]
+ids = torch.tensor(json.loads(ids))
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger().addHandler(handler)
+results = {}
+for name, folder in (("global", global_folder), ("micro", micro_folder)):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        model.eval()(input_ids=ids, labels=ids)  # not a training forward: no scope, no warning
+    model.train()
+    results[name] = [model(input_ids=ids, labels=ids).aux_loss.detach() for _ in range(2)]
+    results[name + "_hook"] = model.optimizer_step_hook
+torch.save({**results, "warnings": warnings}, result_path)
+"""
+
+
+def test_global_batch_scope_without_hf_moe_balances_each_forward_call_and_says_so_once(tmp_path):
+    """Remote code without hf_moe has no optimizer-step hook: `global_batch` counts f_e over the forward call's own
+    tokens (exactly the micro-batch loss) and warns once."""
+    config = tiny_config("hf_moe", router_aux_loss_scope="global_batch", router_jitter_noise=0.0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "global")
+    shutil.copytree(tmp_path / "global", tmp_path / "micro")
+    saved = json.loads((tmp_path / "micro" / "config.json").read_text())
+    (tmp_path / "micro" / "config.json").write_text(json.dumps({**saved, "router_aux_loss_scope": "micro_batch"}))
+    ids = torch.randint(3, 97, (2, 8))
+
+    remote = run_without_hf_moe(_GLOBAL_BATCH_WITHOUT_HF_MOE, str(tmp_path / "global"), str(tmp_path / "micro"),
+                                json.dumps(ids.tolist()))
+
+    assert remote["global_hook"] is None and remote["micro_hook"] is None
+    assert all(torch.equal(g, m) for g, m in zip(remote["global"], remote["micro"], strict=True))
+    scope_warnings = [message for message in remote["warnings"] if "global_batch" in message]
+    assert len(scope_warnings) == 1 and "micro-batch scope" in scope_warnings[0], remote["warnings"]

@@ -113,6 +113,14 @@ def test_load_balancing_scope_under_gradient_accumulation(tiny_upcycled, tmp_pat
     assert differences["global_batch"] < differences["micro_batch"], differences
 
 
+def test_global_batch_scope_without_the_optimizer_step_is_the_micro_batch_loss(tiny_upcycled, tmp_path):
+    """Without hf_moe's optimizer-step hook (no `OptimizerStepCallback`, no `begin_optimizer_step`) there is no step to
+    count f_e over: each forward call balances over its own tokens, exactly as `micro_batch` (and warns once)."""
+    unmarked = {scope: _one_sgd_step(tiny_upcycled, tmp_path, 2, 4, z=0.0, scope=scope, mark_steps=False)
+                for scope in ("micro_batch", "global_batch")}
+    assert _max_difference(unmarked["global_batch"], unmarked["micro_batch"]) == 0
+
+
 def _snapshot(model, optimizer):
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     state = {key: {name: value.clone() if torch.is_tensor(value) else value for name, value in values.items()}

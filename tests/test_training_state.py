@@ -1,11 +1,13 @@
-"""Training state inside the modeling forward (the expert-choice thresholds, the optimizer step's shared expert
-counts) moves only in forwards that train: train mode with gradients. RL trainers (TRL's GRPO, online DPO) generate
-and score with the policy in train mode under `torch.no_grad()`; those forwards must leave the state alone."""
+"""Training state that a forward moves (the expert-choice thresholds, the optimizer step's shared expert counts in
+hf_moe's optimizer-step hook) moves only in forwards that train: train mode with gradients. RL trainers (TRL's GRPO,
+online DPO) generate and score with the policy in train mode under `torch.no_grad()`; those forwards must leave the
+state alone."""
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from hf_moe.moe_layers import find_moe_layers
+from hf_moe.training.optimizer_step import begin_optimizer_step, end_optimizer_steps
 
 from .conftest import tiny_config
 
@@ -80,9 +82,15 @@ def test_train_mode_forward_without_gradients_adds_nothing_to_the_optimizer_step
     config = tiny_config("hf_moe", router_aux_loss_scope="global_batch", router_jitter_noise=0.0)
     model = AutoModelForCausalLM.from_config(config).train()
     ids = torch.randint(3, 97, (2, 8))
-    model.begin_optimizer_step()
+    begin_optimizer_step(model)
     with torch.no_grad():
         model(input_ids=ids, labels=ids)
-    assert model._optimizer_step.dispatch_counts is None
+    assert model.optimizer_step_hook.dispatch_counts is None
     model(input_ids=ids, labels=ids)  # a training forward adds its (layers, E) counts: 2 rows x 8 tokens x top-2
-    assert model._optimizer_step.dispatch_counts.sum(-1).tolist() == [32.0, 32.0, 32.0]
+    assert model.optimizer_step_hook.dispatch_counts.sum(-1).tolist() == [32.0, 32.0, 32.0]
+    model(input_ids=ids, labels=ids)
+    assert model.optimizer_step_hook.dispatch_counts.sum(-1).tolist() == [64.0, 64.0, 64.0]
+    end_optimizer_steps(model)  # per-forward again: the hook stays, the step's counts go
+    assert model.optimizer_step_hook.dispatch_counts is None
+    model(input_ids=ids, labels=ids)
+    assert model.optimizer_step_hook.dispatch_counts is None

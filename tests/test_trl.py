@@ -103,9 +103,9 @@ def test_dpo_adds_the_models_aux_terms_and_trains_padded_mh_moe(tmp_path):
     model.train()
     with torch.no_grad():
         with_terms = trainer.compute_loss(model, dict(batch)).item()
-        trainer.moe_aux_coef = trainer.moe_z_coef = 0.0
+        trainer.moe_aux_coef = model.config.router_z_loss_coef = 0.0
         without = trainer.compute_loss(model, dict(batch)).item()
-        trainer.moe_aux_coef, trainer.moe_z_coef = 0.1, 0.01
+        trainer.moe_aux_coef, model.config.router_z_loss_coef = 0.1, 0.01
         own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     output_router_logits=True)
     import hf_moe

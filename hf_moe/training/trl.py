@@ -11,9 +11,10 @@ preparation, fused LM head, metrics, PEFT) and change only that:
 - after TRL's `__init__`, the config's `output_router_logits` / `router_aux_loss_coef` are restored and TRL's own
   MoE term is switched off (`aux_loss_enabled = False`);
 - each `compute_loss` reads the router logits of the trained model's first forward call through forward hooks on the
-  routers (the model's own output does not carry them under the fused head) and adds the model's
-  `load_balancing_loss` and `router_z_loss` (padding excluded, MH-MoE sub-tokens counted as the model counts them),
-  weighted as the model's forward weights them (SFT: by the micro-batch's share of the step's label tokens);
+  routers (the model's own output does not carry them under the fused head) and adds the router terms the model's
+  forward adds, through the same function (`router_losses`: padding excluded, MH-MoE sub-tokens counted, no
+  load-balancing loss for expert choice), weighted as the model's forward weights them (SFT: by the micro-batch's
+  share of the step's label tokens, `share_of_accumulated_batch`);
 - `aux_loss` and `z_loss` are logged with TRL's metrics.
 
 `SFTConfig.router_aux_loss_coef`, when set, replaces the model's aux coefficient for the run (not in the saved
@@ -28,13 +29,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: F401  (configs re-exported for convenience)
 
-from ..modeling.modeling_hf_moe import (
-    SPARSE_BLOCKS,
-    _share_of_accumulated_batch,
-    load_balancing_loss,
-    router_z_loss,
-    sequence_balance_loss,
-)
+from ..modeling.modeling_hf_moe import SPARSE_BLOCKS, router_losses, share_of_accumulated_batch
 from ..moe_layers import find_moe_layers, selection_bias
 
 
@@ -103,9 +98,8 @@ class _ModelAuxLossMixin:
         config.output_router_logits = saved.get("output_router_logits", False)
         config.router_aux_loss_coef = saved.get("router_aux_loss_coef", config.router_aux_loss_coef)
         self.aux_loss_enabled = False  # no Mixtral aux loss from TRL; the model's terms are added in compute_loss
-        self.moe_aux_coef = self.router_aux_loss_coef  # as TRL resolved it: args.router_aux_loss_coef or the config's
-        self.moe_z_coef = config.router_z_loss_coef
-        self.moe_sequence_coef = config.router_sequence_aux_loss_coef
+        # As TRL resolved it: args.router_aux_loss_coef or the config's. The other coefficients are the config's.
+        self.moe_aux_coef = self.router_aux_loss_coef
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.is_hf_moe:
@@ -119,26 +113,24 @@ class _ModelAuxLossMixin:
         logits = tuple(routed.logits)
         biases = tuple(selection_bias(model, layer) for layer in find_moe_layers(model))  # layer order, as routed
         biases = biases if any(bias is not None for bias in biases) else None
-        z = router_z_loss(logits, routed.attention_mask, config.num_subtokens)
-        terms, logged = self.moe_z_coef * z, {"z_loss": z}
-        if config.router_type != "expert_choice":  # expert choice is balanced by construction: no such loss
-            aux = load_balancing_loss(logits, config.num_experts_per_tok, routed.attention_mask,
-                                      config.num_subtokens, selection_biases=biases)
-            terms, logged["aux_loss"] = terms + self.moe_aux_coef * aux, aux
-        if self.moe_sequence_coef > 0 and logits:
-            # Sequences are documents, as the model's forward counts them: the rows of the batch, and within a
-            # padding-free packed row (no attention mask) each run of position ids from 0.
-            sequence = sequence_balance_loss(logits, config.num_experts_per_tok, routed.batch_size,
-                                             routed.attention_mask, config.num_subtokens, biases, routed.position_ids)
-            terms, logged["sequence_aux_loss"] = terms + self.moe_sequence_coef * sequence, sequence
+        # Sequences are documents, as the model's forward counts them: the rows of the batch, and within a
+        # padding-free packed row (no attention mask) each run of position ids from 0.
+        router = router_losses(config, logits, routed.attention_mask, batch_size=routed.batch_size,
+                               position_ids=routed.position_ids, selection_biases=biases,
+                               aux_loss_coef=self.moe_aux_coef)
+        logged = {"z_loss": router.z_loss, "aux_loss": router.aux_loss}
+        if router.sequence_aux_loss is not None and logits:
+            logged["sequence_aux_loss"] = router.sequence_aux_loss
         weight = 1.0
         if self.aux_weighted_by_token_share and "labels" in inputs:
-            weight = _share_of_accumulated_batch(inputs["labels"], num_items_in_batch)
+            weight = share_of_accumulated_batch(inputs["labels"], num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 weight = weight * self.accelerator.num_processes  # as TRL scales its LM loss (DDP averages)
-        loss = loss + terms.to(loss.device) * weight
+        loss = loss + router.weighted.to(loss.device) * weight
         mode = "train" if self.model.training else "eval"
         for key, value in logged.items():
+            if value is None:  # expert choice: no load-balancing loss
+                continue
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
