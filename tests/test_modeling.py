@@ -75,7 +75,7 @@ def test_saved_config_has_an_auto_map_for_every_auto_class(model_type, tmp_path)
     assert auto_map["AutoConfig"].startswith("configuration_hf_moe.")
     assert all(v.startswith("modeling_hf_moe.") for k, v in auto_map.items() if k != "AutoConfig")
     assert all((tmp_path / name).exists() for name in ("modeling_hf_moe.py", "configuration_hf_moe.py",
-                                                       "experts_kernels_hf_moe.py"))
+                                                       "routing_hf_moe.py", "experts_kernels_hf_moe.py"))
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -41,17 +41,18 @@ def test_without_auto_map_the_folder_does_not_load_so_hf_moe_is_really_absent(tm
         load_as_remote_code(tmp_path, torch.tensor([[3, 4]]))
 
 
-def test_a_saved_folder_carries_every_code_file_and_the_remote_model_runs_the_shipped_kernels(tmp_path):
+def test_a_saved_folder_carries_every_code_file_and_the_remote_model_runs_the_shipped_code(tmp_path):
     from transformers.dynamic_module_utils import get_relative_import_files
 
     model = AutoModelForCausalLM.from_config(tiny_config("hf_mh_moe")).train()
     ids = torch.randint(3, 97, (2, 6))
     model.save_pretrained(tmp_path)
-    assert sorted(CODE_FILES) == ["configuration_hf_moe.py", "experts_kernels_hf_moe.py", "modeling_hf_moe.py"]
+    assert sorted(CODE_FILES) == ["configuration_hf_moe.py", "experts_kernels_hf_moe.py", "modeling_hf_moe.py",
+                                  "routing_hf_moe.py"]
     assert sorted(path.name for path in tmp_path.glob("*.py")) == sorted(CODE_FILES)
     # What transformers' remote-code loader copies into its module cache with the modeling file.
     assert sorted(path.rpartition("/")[2] for path in get_relative_import_files(str(tmp_path / "modeling_hf_moe.py"))
-                  ) == ["configuration_hf_moe.py", "experts_kernels_hf_moe.py"]
+                  ) == ["configuration_hf_moe.py", "experts_kernels_hf_moe.py", "routing_hf_moe.py"]
     expected = model(input_ids=ids, labels=ids).loss
     expected.backward()
     layer = model.config.sparse_layer_indices[0]
@@ -64,12 +65,12 @@ folder, ids, layer, result_path = sys.argv[1], torch.tensor(json.loads(sys.argv[
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).train()
 loss = model(input_ids=ids, labels=ids).loss
 loss.backward()  # on CPU: the shipped CpuSwiGLUExperts
-kernels = [name for name in sys.modules if name.endswith(".experts_kernels_hf_moe")]
+shipped = [name for name in sys.modules if name.endswith((".experts_kernels_hf_moe", ".routing_hf_moe"))]
 torch.save({"loss": loss.detach(), "grad": model.model.layers[layer].mlp.experts.gate_up_proj.grad,
-            "kernels": kernels}, result_path)
+            "shipped": shipped}, result_path)
 """
     remote = run_without_hf_moe(script, str(tmp_path), json.dumps(ids.tolist()), str(layer))
-    assert len(remote["kernels"]) == 1 and remote["kernels"][0].startswith("transformers_modules.")
+    assert len(remote["shipped"]) == 2 and all(name.startswith("transformers_modules.") for name in remote["shipped"])
     assert (remote["loss"] - expected.detach()).abs().item() < 1e-6
     assert (remote["grad"] - expected_grad).abs().max().item() < 1e-6
 

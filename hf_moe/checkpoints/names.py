@@ -17,11 +17,12 @@ from ..modeling.configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
 
 CONFIG_CLASSES = {config_class.model_type: config_class for config_class in (MoeConfig, SwitchConfig, MHMoeConfig)}
 HF_MOE_MODEL_TYPES = tuple(CONFIG_CLASSES)  # ("hf_moe", "hf_switch", "hf_mh_moe")
-# The remote code every hf_moe folder carries: the configuration and modeling files `auto_map` points into and the
-# experts' kernels the modeling file imports relatively (transformers' remote-code loader follows such imports within
-# the folder). Found without importing the modeling file (which imports transformers' whole modeling stack).
-CODE_PATHS = tuple(Path(importlib.util.find_spec(f"hf_moe.modeling.{module}").origin)
-                   for module in ("configuration_hf_moe", "modeling_hf_moe", "experts_kernels_hf_moe"))
+# The remote code every hf_moe folder carries: the configuration and modeling files `auto_map` points into, and the
+# routing and experts' kernels the modeling file imports relatively (transformers' remote-code loader follows such
+# imports within the folder). Found without importing the modeling file (which imports transformers' whole modeling
+# stack).
+CODE_MODULES = ("configuration_hf_moe", "modeling_hf_moe", "routing_hf_moe", "experts_kernels_hf_moe")
+CODE_PATHS = tuple(Path(importlib.util.find_spec(f"hf_moe.modeling.{module}").origin) for module in CODE_MODULES)
 CODE_FILES = tuple(path.name for path in CODE_PATHS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
