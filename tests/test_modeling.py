@@ -252,3 +252,29 @@ def test_peft_lora_reaches_the_fused_experts_and_attention(model_type):
     assert any("experts" in n for n in lora) and any("q_proj" in n for n in lora)
     assert all(p.grad is not None for n, p in lora.items() if "lora_B" in n)
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" not in n)
+
+
+def test_without_sparse_layers_the_decoder_is_transformers_llama_bit_for_bit():
+    """Norm, rotary embedding and attention are Llama's (imported, not copied): a model without sparse layers is a
+    Llama with the same parameter names and the same logits, exactly."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = tiny_config("hf_moe", sparse_layers=[], tie_word_embeddings=False, rms_norm_eps=1e-5)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, rope_parameters=config.rope_parameters, tie_word_embeddings=False,
+        attention_bias=False)).eval()
+    llama.load_state_dict(model.state_dict(), strict=True)  # the same parameter names
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        for attention in ("eager", "sdpa"):
+            model.set_attn_implementation(attention)
+            llama.set_attn_implementation(attention)
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                               llama(input_ids=ids, attention_mask=mask).logits), attention
