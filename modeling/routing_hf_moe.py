@@ -122,11 +122,6 @@ class MoeRouter(nn.Module):
         if config.router_bias_update_rate > 0:
             self.add_selection_bias()
 
-    @property
-    def expert_choice(self) -> bool:
-        """Whether the experts choose their tokens (`routing_kind` as a flag)."""
-        return self.routing_kind == EXPERT_CHOICE_ROUTING
-
     # Router state that small steps move (the selection bias by gamma ~ 1e-3, the thresholds by momentum * change):
     # below a bfloat16 step near 1, so it stays float32 whatever dtype the model is cast to.
     _float32_buffers = ("e_score_correction_bias", "expert_choice_threshold")
