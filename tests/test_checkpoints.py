@@ -13,7 +13,7 @@ def _dense_folder(tiny_upcycled):
     return tiny_upcycled.parent / "dense"
 
 
-@pytest.mark.parametrize("command", ["upcycle", "mix", "export"])
+@pytest.mark.parametrize("command", ["upcycle", "mix", "export", "prune"])
 def test_every_writer_refuses_an_existing_output_naming_overwrite(tiny_upcycled, tmp_path, capsys, command):
     dense = str(_dense_folder(tiny_upcycled))
     existing = tmp_path / "existing"
@@ -21,7 +21,8 @@ def test_every_writer_refuses_an_existing_output_naming_overwrite(tiny_upcycled,
     (existing / "keep.txt").write_text("mine")
     argv = {"upcycle": ["upcycle", dense, str(existing), "--num_experts", "2"],
             "mix": ["upcycle", dense, str(existing), "--experts", dense, dense],
-            "export": ["export", str(tiny_upcycled), str(existing)]}[command]
+            "export": ["export", str(tiny_upcycled), str(existing)],
+            "prune": ["prune", str(tiny_upcycled), str(existing), "--keep", "2"]}[command]
     with pytest.raises(SystemExit) as refused:
         main(argv)
     error = capsys.readouterr().err.strip()
@@ -39,6 +40,19 @@ def test_the_library_raises_output_exists_error_for_mix_and_export(tiny_upcycled
         upcycle(dense, str(tiny_upcycled), experts=[dense, dense])
     with pytest.raises(OutputExistsError, match="overwrite=True"):
         export(str(tiny_upcycled), str(tiny_upcycled))
+
+
+def test_the_output_folder_resolver_takes_the_default_and_refuses_an_existing_folder(tmp_path):
+    from hf_moe.checkpoints.atomic import resolve_output_dir
+
+    assert resolve_output_dir(None, default=tmp_path / "new") == tmp_path / "new"
+    assert resolve_output_dir(str(tmp_path / "asked"), default=tmp_path / "new") == tmp_path / "asked"
+    with pytest.raises(OutputExistsError, match=f"^{tmp_path} already exists; choose another folder or pass "
+                                                "overwrite=True$"):
+        resolve_output_dir(None, default=tmp_path)
+    assert resolve_output_dir(tmp_path, overwrite=True) == tmp_path
+    with pytest.raises(ValueError, match="output_dir"):
+        resolve_output_dir(None)
 
 
 def test_upcycle_verify_table_shows_the_users_question_not_the_chat_template(tiny_upcycled, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Write an output folder atomically: into a hidden temporary sibling, renamed into place only when complete."""
+"""The output folder of every writer: resolved and checked once (`resolve_output_dir`), then written atomically into a
+hidden temporary sibling that is renamed into place only when complete."""
 
 import contextlib
 import shutil
@@ -55,11 +56,32 @@ def _termination_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def resolve_output_dir(output_dir: str | Path | None, *, overwrite: bool = False,
+                       default: str | Path | None = None) -> Path:
+    """The output folder: `output_dir`, else `default`. An existing folder raises `OutputExistsError` (a
+    `FileExistsError`) unless `overwrite=True`.
+
+    Every command calls it as soon as it knows the folder (before its source's tensors are read, so a refusal costs
+    nothing), and `atomic_output_dir` again just before writing (the folder may have appeared meanwhile).
+
+    Example:
+    ```python
+    >>> resolve_output_dir(None, default=Path("out") / "smol-hf_moe-8x2")  # PosixPath('out/smol-hf_moe-8x2')
+    ```
+    """
+    if output_dir is None and default is None:
+        raise ValueError("an output folder is needed: pass `output_dir`")
+    output_dir = Path(output_dir if output_dir is not None else default)
+    if output_dir.exists() and not overwrite:
+        raise OutputExistsError(output_dir)
+    return output_dir
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `output_dir`; on success rename it to `output_dir`, on failure delete it.
 
-    An existing `output_dir` raises `OutputExistsError` (a `FileExistsError`) before anything is written, unless
+    An existing `output_dir` raises `OutputExistsError` (`resolve_output_dir`) before anything is written, unless
     `overwrite=True`, in which case it is replaced only after the new folder is complete. The folder gets the
     permissions of a plain `mkdir` (umask), its files those of a plain `open` (never the 0o600 of temporary files),
     and an interruption (an exception, Ctrl-C, SIGTERM) leaves no staging
@@ -71,9 +93,7 @@ def atomic_output_dir(output_dir: str | Path, overwrite: bool = False) -> Iterat
     ...     model.save_pretrained(folder)
     ```
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise OutputExistsError(output_dir)
+    output_dir = resolve_output_dir(output_dir, overwrite=overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with _termination_raises():
         staging = _sibling_dir(output_dir, "partial")

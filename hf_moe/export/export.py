@@ -7,10 +7,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
+from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.names import HF_MOE_MODEL_TYPES, meta_model
 from ..checkpoints.reading import read_weight_map, resolve_folder, stream_tensors
 from ..checkpoints.writing import check_complete, write_model_folder
-from ..errors import OutputExistsError
 from ..hub.exported import write_export_card
 from .base import ExportRefusedError, ExportTarget, common_blockers, dropped_training_settings
 from .mixtral import MixtralTarget
@@ -97,9 +97,8 @@ def run_export(args: ExportArguments) -> Path:
     folder, hub_id = resolve_folder(args.source)
     config = _load_hf_moe_config(folder, args.source)
     target = choose_target(config, args.to, args.source)
-    output_dir = Path(args.output_dir) if args.output_dir else Path(f"{str(args.source).rstrip('/')}-{target.name}")
-    if output_dir.exists() and not args.overwrite:
-        raise OutputExistsError(output_dir)
+    output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
+                                    default=f"{str(args.source).rstrip('/')}-{target.name}")
     weight_files = read_weight_map(folder)
     source_model = meta_model(config)
     check_complete(set(weight_files), source_model, args.source)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 
+from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.names import (
     FUSED_EXPERTS_TENSOR,
     HF_MOE_MODEL_TYPES,
@@ -31,7 +32,7 @@ from ..checkpoints.names import (
 )
 from ..checkpoints.reading import read_config_json, read_weight_map, resolve_folder, stream_tensors
 from ..checkpoints.writing import write_model_folder
-from ..errors import OutputExistsError, UnsupportedCheckpointError
+from ..errors import UnsupportedCheckpointError
 from ..moe_layers import (
     EXPERT_CHOICE_ROUTING,
     EXPERT_COUNT_FIELDS,
@@ -225,9 +226,8 @@ def run_prune(args: PruneArguments, *, model=None, tokenizer=None, calibration=N
     if source_name is not None:
         source.name, source.hub_id = source_name, hub_id(source_name)
     count = keep_count(args.keep, source.num_experts, source.top_k, source.groups)
-    output_dir = Path(args.output_dir) if args.output_dir else _default_output_dir(args, count)
-    if output_dir.exists() and not args.overwrite:
-        raise OutputExistsError(output_dir)
+    output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
+                                    default=_default_output_dir(args, count))
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(source.folder)
     if saliency is None:
         inputs, description = calibration_inputs(tokenizer, calibration if calibration is not None

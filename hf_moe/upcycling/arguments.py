@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.reading import DenseCheckpoint
-from ..errors import OutputExistsError
 from ..hub.upcycled import source_lineage
 from ..modeling import configuration_hf_moe
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
@@ -135,7 +135,6 @@ def prepare(args: UpcycleArguments, dense: DenseCheckpoint | None = None
                              moe_intermediate, args.num_moe_heads, base_model=source_lineage(dense).base_model,
                              capacity_factor=args.capacity_factor, router_type=args.router_type,
                              expert_capacity_factor=args.expert_capacity_factor)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(args, dense)
-    if output_dir.exists() and not args.overwrite:
-        raise OutputExistsError(output_dir)
+    output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
+                                    default=default_output_dir(args, dense))
     return dense, config, output_dir
