@@ -55,6 +55,33 @@ def test_the_output_folder_resolver_takes_the_default_and_refuses_an_existing_fo
         resolve_output_dir(None)
 
 
+def test_a_model_folder_opens_once_with_its_config_weights_and_tokenizer(tiny_upcycled, tmp_path):
+    import shutil
+
+    from hf_moe.checkpoints.reading import folder_tokenizer, open_model_folder
+
+    folder = open_model_folder(str(tiny_upcycled))
+    assert (folder.path, folder.hub_id, folder.model_type) == (tiny_upcycled, None, "hf_moe")
+    assert folder.config.num_experts == 4 and folder.config is folder.config  # read once
+    assert set(folder.weight_files) == set(AutoModelForCausalLM.from_pretrained(tiny_upcycled).state_dict())
+    assert folder.load_tokenizer().chat_template and not folder.load_model().training
+    cached = tmp_path / "cache" / "models--acme--tiny-moe" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_upcycled, cached)
+    assert open_model_folder(cached).hub_id == "acme/tiny-moe"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (cached / name).unlink(missing_ok=True)
+    assert folder_tokenizer(cached) is None
+
+
+@pytest.mark.parametrize("command", ["upcycle", "export", "prune"])
+def test_every_reader_names_a_folder_without_config_json_alike(tmp_path, capsys, command):
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(SystemExit) as refused:
+        main([command, str(tmp_path), str(tmp_path / "out"), *(["--keep", "2"] if command == "prune" else [])])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == f"hf-moe {command}: error: {tmp_path}: no config.json"
+
+
 def test_upcycle_verify_table_shows_the_users_question_not_the_chat_template(tiny_upcycled, tmp_path, capsys):
     from .conftest import CHAT_TEMPLATE, byte_tokenizer
 

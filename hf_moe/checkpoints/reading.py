@@ -1,6 +1,8 @@
-"""Reading checkpoints tensor by tensor: local folders, the Hub (through its local cache), GGUF files, and the
-embedded SmolLM2-135M-Instruct GGUF."""
+"""Reading checkpoints: a model folder (local, or a Hub id through the Hub cache) opened once with its config, weight
+files and tokenizer (`open_model_folder`, for export, pruning and every verification); dense sources for upcycling
+tensor by tensor (folders, GGUF files, the embedded SmolLM2-135M-Instruct GGUF)."""
 
+import functools
 import importlib.util
 import json
 from collections.abc import Iterator
@@ -48,6 +50,68 @@ def resolve_folder(source: str) -> tuple[Path, str | None]:
         return Path(snapshot_download(source, allow_patterns=list(FOLDER_FILES))), source
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # no network / HF_HUB_OFFLINE, not cached
         raise HubUnreachableError(source) from error
+
+
+def folder_tokenizer(folder: Path):
+    """The tokenizer saved in `folder`, or None when it holds no tokenizer files."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@dataclass
+class ModelFolder:
+    """A model folder opened for reading: where it is, its Hub id (None for a local folder outside the Hub cache) and
+    its config.json as written; the config, the weight files, the tokenizer and the model when asked for.
+
+    Example:
+    ```python
+    >>> folder = open_model_folder("out/smol-moe")
+    >>> folder.model_type, len(folder.weight_files), folder.load_model().dtype  # ('hf_moe', 183, torch.float32)
+    ```
+    """
+
+    source: str  # as the user named it: a path or a Hub id
+    path: Path
+    hub_id: str | None
+    config_json: dict
+
+    @property
+    def model_type(self) -> str | None:
+        """The model type config.json declares (read without `AutoConfig`, which fails on unknown types)."""
+        return self.config_json.get("model_type")
+
+    @functools.cached_property
+    def config(self) -> PreTrainedConfig:
+        return AutoConfig.from_pretrained(self.path)
+
+    @functools.cached_property
+    def weight_files(self) -> dict[str, Path]:
+        """Tensor name -> safetensors file (see `read_weight_map`)."""
+        return read_weight_map(self.path)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def load_model(self, dtype: torch.dtype | str = torch.float32):
+        """The causal-LM model in `dtype` ("auto": as stored), in eval mode."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype).eval()
+
+
+def open_model_folder(source: str | Path) -> ModelFolder:
+    """Open the model folder `source`: an existing folder, or a Hub id (downloaded into / read from the Hub cache).
+
+    A missing folder raises `FileNotFoundError`, an unreachable uncached Hub id `HubUnreachableError`, a folder without
+    a readable config.json `UnsupportedCheckpointError`; weight files are read (and checked) when first asked for.
+    """
+    path, hub_id = resolve_folder(str(source))
+    return ModelFolder(source=str(source), path=path, hub_id=hub_id, config_json=read_config_json(path, str(source)))
 
 
 def stream_tensors(weight_files: dict[str, Path]) -> Iterator[tuple[str, torch.Tensor]]:

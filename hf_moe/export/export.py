@@ -5,11 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformers import AutoConfig
 
 from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.names import HF_MOE_MODEL_TYPES, meta_model
-from ..checkpoints.reading import read_weight_map, resolve_folder, stream_tensors
+from ..checkpoints.reading import ModelFolder, open_model_folder, stream_tensors
 from ..checkpoints.writing import check_complete, write_model_folder
 from ..hub.exported import write_export_card
 from .base import ExportRefusedError, ExportTarget, common_blockers, dropped_training_settings
@@ -82,24 +81,23 @@ def choose_target(config, to: str = "auto", source: str = "the model") -> Export
                              + "\nNothing was written.")
 
 
-def _load_hf_moe_config(folder: Path, source: str):
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{source}: no config.json")
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in HF_MOE_MODEL_TYPES:
-        raise ValueError(f"{source} is a '{config.model_type}' model, not an hf_moe model "
+def open_hf_moe_folder(source: str) -> ModelFolder:
+    """Open `source`, or raise unless it is an hf_moe model folder."""
+    folder = open_model_folder(source)
+    if folder.model_type not in HF_MOE_MODEL_TYPES:
+        raise ValueError(f"{source} is a '{folder.model_type}' model, not an hf_moe model "
                          f"(model_type one of {HF_MOE_MODEL_TYPES})")
-    return config
+    return folder
 
 
 def run_export(args: ExportArguments) -> Path:
     """Export as described by `args`; see [`export`]."""
-    folder, hub_id = resolve_folder(args.source)
-    config = _load_hf_moe_config(folder, args.source)
+    folder = open_hf_moe_folder(args.source)
+    config = folder.config
     target = choose_target(config, args.to, args.source)
     output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
                                     default=f"{str(args.source).rstrip('/')}-{target.name}")
-    weight_files = read_weight_map(folder)
+    weight_files = folder.weight_files
     source_model = meta_model(config)
     check_complete(set(weight_files), source_model, args.source)
     if dropped := dropped_training_settings(config):
@@ -113,10 +111,10 @@ def run_export(args: ExportArguments) -> Path:
     target_config = target.target_config(config)
     write_model_folder(
         output_dir, tensors, target_config, source_name=args.source, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, check_names=False, tokenizer_folder=folder,
+        max_shard_size=args.max_shard_size, check_names=False, tokenizer_folder=folder.path,
         generation_config_from=target_config,
         finish=lambda staging, _: write_export_card(staging, output_dir.name, config, target, source_model,
-                                                    base_model=args.base_model or hub_id, source_folder=folder,
-                                                    dropped=dropped))
+                                                    base_model=args.base_model or folder.hub_id,
+                                                    source_folder=folder.path, dropped=dropped))
     logger.info("exported %s to %s (%s)", args.source, output_dir, target.name)
     return output_dir

@@ -7,9 +7,9 @@ import textwrap
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_outputs, model_outputs, pad_token_id
+from ..checkpoints.reading import open_model_folder
 from ..remote_check import run_without_hf_moe
 
 _NATIVE_LOADER = textwrap.dedent(
@@ -66,10 +66,11 @@ def verify_export(hf_moe_folder: str | Path, exported_folder: str | Path, prompt
                   max_new_tokens: int = 24) -> dict:
     """The hf_moe folder in this process against the export loaded natively in a process without hf_moe, on
     `prompts` (chat-formatted with the folder's tokenizer): max |Δlogit|, identical greedy answers, loading info."""
-    tokenizer = AutoTokenizer.from_pretrained(hf_moe_folder)
+    source = open_model_folder(hf_moe_folder)
+    tokenizer = source.load_tokenizer()
     inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     pad = pad_token_id(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(hf_moe_folder, dtype=torch.float32).eval()
+    model = source.load_model(torch.float32)
     reference = model_outputs(model, inputs, max_new_tokens, pad)
     (exported,) = load_natively([dict(folder=exported_folder, inputs=[ids[0].tolist() for ids in inputs],
                                       max_new_tokens=max_new_tokens, pad_token_id=pad)])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.names import (
@@ -25,12 +25,11 @@ from ..checkpoints.names import (
     HF_MOE_MODEL_TYPES,
     PER_EXPERT_TENSOR,
     ROUTER_TENSOR,
-    TOKENIZER_FILES,
     expected_tensor_names,
     hub_id,
     meta_model,
 )
-from ..checkpoints.reading import read_config_json, read_weight_map, resolve_folder, stream_tensors
+from ..checkpoints.reading import folder_tokenizer, open_model_folder, stream_tensors
 from ..checkpoints.writing import write_model_folder
 from ..errors import UnsupportedCheckpointError
 from ..moe_layers import (
@@ -80,16 +79,15 @@ class PruningSource:
 
 def open_source(name: str) -> PruningSource:
     """Open `name` for pruning, or raise naming why it cannot be pruned (dense, unsupported family, incomplete)."""
-    folder, source_hub_id = resolve_folder(name)
-    raw = read_config_json(folder, name)
-    model_type = raw.get("model_type")
+    folder = open_model_folder(name)
+    model_type = folder.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
-        if not any(field in raw for field in EXPERT_COUNT_FIELDS):
+        if not any(field in folder.config_json for field in EXPERT_COUNT_FIELDS):
             raise UnsupportedCheckpointError(f"{name} is a dense model (model_type {model_type!r}, no routed "
                                              "experts): there are no experts to prune")
         raise UnsupportedCheckpointError(f"{name}: model_type {model_type!r} is not supported for pruning; "
                                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    config = AutoConfig.from_pretrained(folder)
+    config = folder.config
     count_field = expert_count_field(config)
     layers = find_moe_layers(meta_model(config))
     if any(layer.routing_kind == EXPERT_CHOICE_ROUTING for layer in layers):
@@ -100,8 +98,8 @@ def open_source(name: str) -> PruningSource:
             f"{', '.join(TRANSFORMERS_MODEL_TYPES)}")
     if count_field is None or not layers:
         raise UnsupportedCheckpointError(f"{name} ({model_type}) has no sparse layer: there are no experts to prune")
-    weight_files = read_weight_map(folder)
-    source = PruningSource(name=name, folder=folder, hub_id=source_hub_id, config=config, weight_files=weight_files,
+    source = PruningSource(name=name, folder=folder.path, hub_id=folder.hub_id, config=config,
+                           weight_files=folder.weight_files,
                            count_field=count_field, layers=[layer.index for layer in layers],
                            num_experts=getattr(config, count_field), top_k=layers[0].top_k,
                            groups=routing_groups(config))
@@ -206,12 +204,6 @@ def write_pruned_folder(source: PruningSource, output_dir: str | Path, plans: li
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _load_tokenizer(folder: Path):
-    if any((folder / name).is_file() for name in TOKENIZER_FILES if name != "generation_config.json"):
-        return AutoTokenizer.from_pretrained(folder)
-    return None
-
-
 def _default_output_dir(args: PruneArguments, count: int) -> Path:
     return Path(f"{str(args.source).rstrip('/')}-{'merged' if args.merge else args.method}-{count}")
 
@@ -228,7 +220,7 @@ def run_prune(args: PruneArguments, *, model=None, tokenizer=None, calibration=N
     count = keep_count(args.keep, source.num_experts, source.top_k, source.groups)
     output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
                                     default=_default_output_dir(args, count))
-    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(source.folder)
+    tokenizer = tokenizer if tokenizer is not None else folder_tokenizer(source.folder)
     if saliency is None:
         inputs, description = calibration_inputs(tokenizer, calibration if calibration is not None
                                                  else args.calibration, args.calibration_samples, args.max_length,
@@ -290,7 +282,7 @@ def prune(model_or_folder, output_dir: str | Path | None = None, keep: int | flo
         with tempfile.TemporaryDirectory(prefix="hf_moe_prune_") as scratch:
             model.save_pretrained(scratch)
             if tokenizer is None and Path(str(model.name_or_path)).is_dir():
-                tokenizer = _load_tokenizer(Path(model.name_or_path))
+                tokenizer = folder_tokenizer(Path(model.name_or_path))
             if tokenizer is not None:
                 tokenizer.save_pretrained(scratch)
             args = PruneArguments(source=scratch, output_dir=str(output_dir), **arguments)

@@ -5,10 +5,9 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_models, pad_token_id
-from ..checkpoints.reading import resolve_folder
+from ..checkpoints.reading import open_model_folder
 from ..moe_layers import find_moe_layers
 
 
@@ -64,11 +63,11 @@ def verify_pruning(source: str | Path, pruned_folder: str | Path, prompts=SAMPLE
     both answers, and the routing flips: how many (token, sparse layer) choices of experts changed on the prompts
     (`routing_flips` of `routing_decisions`; `routed_to_removed` of them had chosen an expert that is gone). Pruning
     changes the function on purpose: this says by how much on these prompts."""
-    source_folder, _ = resolve_folder(str(source))
-    reference = AutoModelForCausalLM.from_pretrained(source_folder, dtype=torch.float32).eval()
-    pruned = AutoModelForCausalLM.from_pretrained(pruned_folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(pruned_folder)
-    plan = json.loads((Path(pruned_folder) / "pruning.json").read_text())["plan"]
+    reference = open_model_folder(source).load_model(torch.float32)
+    candidate = open_model_folder(pruned_folder)
+    pruned = candidate.load_model(torch.float32)
+    tokenizer = candidate.load_tokenizer()
+    plan = json.loads((candidate.path / "pruning.json").read_text())["plan"]
     inputs = [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     comparison = compare_models(reference, pruned, inputs, max_new_tokens, pad_token_id(tokenizer))
     routing = count_routing_flips(routing_choices(reference, inputs), routing_choices(pruned, inputs),

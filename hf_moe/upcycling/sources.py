@@ -2,16 +2,14 @@
 
 from pathlib import Path
 
-from transformers import AutoConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
 from ..checkpoints.reading import (
     EMBEDDED_NAME,
     DenseCheckpoint,
     embedded_gguf_path,
     open_gguf,
-    read_config_json,
-    read_weight_map,
-    resolve_folder,
+    open_model_folder,
 )
 from ..errors import UnsupportedCheckpointError
 
@@ -50,8 +48,7 @@ def open_dense_checkpoint(source: str | None, gguf_file: str | None = None) -> D
         return open_gguf(path, path.stem, check_supported)
     if gguf_file is not None:
         return open_gguf(path / gguf_file, str(source), check_supported)
-    path, _ = resolve_folder(source)
-    _check_model_type(read_config_json(path, str(source)).get("model_type"), str(source))
-    config = AutoConfig.from_pretrained(path)
-    check_supported(config, str(source))
-    return DenseCheckpoint(config=config, name=str(source), folder=path, weight_files=read_weight_map(path))
+    folder = open_model_folder(source)
+    _check_model_type(folder.model_type, str(source))
+    check_supported(folder.config, str(source))
+    return DenseCheckpoint(config=folder.config, name=str(source), folder=folder.path, weight_files=folder.weight_files)

@@ -1,13 +1,11 @@
 """Dense vs upcycled, side by side: max |Δlogit| on sample prompts and greedy-generation agreement."""
 
-import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, compare_models, pad_token_id
-from ..checkpoints.reading import DenseCheckpoint
+from ..checkpoints.reading import DenseCheckpoint, open_model_folder
 
 
 @torch.no_grad()
@@ -24,13 +22,14 @@ def verify_upcycling(dense: DenseCheckpoint, moe_folder: str | Path, prompts=SAM
     first (`weights_dtype` in the report), so the comparison checks the upcycling itself, not the rounding.
     """
     dense_model = dense.load_dense_model(torch.float32)
-    weights_dtype = json.loads((Path(moe_folder) / "config.json").read_text()).get("dtype") or "float32"
+    moe = open_model_folder(moe_folder)
+    weights_dtype = moe.config_json.get("dtype") or "float32"
     if weights_dtype != "float32":
         with torch.no_grad():
             for parameter in dense_model.parameters():  # new tensors: the source's own storage is left intact
                 parameter.data = parameter.data.to(getattr(torch, weights_dtype)).float()
-    moe_model = AutoModelForCausalLM.from_pretrained(moe_folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(moe_folder) if input_ids is None else None
+    moe_model = moe.load_model(torch.float32)
+    tokenizer = moe.load_tokenizer() if input_ids is None else None
     inputs = input_ids if input_ids is not None else [chat_prompt_ids(tokenizer, prompt) for prompt in prompts]
     comparison = compare_models(dense_model, moe_model, inputs, max_new_tokens,
                                 pad_token_id(tokenizer) if tokenizer is not None else 0)
