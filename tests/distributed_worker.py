@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 import hf_moe  # noqa: F401  (registers the Auto classes)
+from hf_moe.training.optimizer_step import begin_optimizer_step
 
 PARALLEL_MODES = {"tp": dict(tp_size=2), "ep_fsdp": dict(ep_size=2, fsdp_size=2)}
 
@@ -66,7 +67,7 @@ def check_global_batch_balancing(folder: Path) -> dict:
     rows = slice(rank * 4, rank * 4 + 4)
     local = {key: value[rows] for key, value in batch.items()}
     # What OptimizerStepCallback and the Trainer do: the step's token counts over all processes.
-    model.begin_optimizer_step(num_router_tokens=batch["attention_mask"].sum().item())
+    begin_optimizer_step(model, num_router_tokens=batch["attention_mask"].sum().item())
     num_items = batch["labels"][:, 1:].ne(-100).sum()
     out = model(**local, num_items_in_batch=num_items)
     (out.loss * world).backward()  # the Trainer scales by the world size; DDP then averages the gradients

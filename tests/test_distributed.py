@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from hf_moe.training.optimizer_step import begin_optimizer_step, end_optimizer_steps
+
 from .conftest import MODEL_TYPES, tiny_config
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -50,10 +52,10 @@ def _global_batch_case(folder: Path) -> None:
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", router_aux_loss_scope="global_batch",
                                                          router_aux_loss_coef=1.0)).train()
     batch = varied_batch(rows=8)
-    model.begin_optimizer_step(num_router_tokens=batch["attention_mask"].sum().item())
+    begin_optimizer_step(model, num_router_tokens=batch["attention_mask"].sum().item())
     out = model(**batch, num_items_in_batch=batch["labels"][:, 1:].ne(-100).sum())
     out.loss.backward()
-    model.end_optimizer_steps()
+    end_optimizer_steps(model)
     _save_case(folder, model, batch, {"aux_loss": out.aux_loss.detach()})
 
 

@@ -27,7 +27,7 @@ from hf_moe.remote_check import load_as_remote_code
 
 from .conftest import byte_tokenizer, finetune_arguments
 
-CODE_FILES = ["configuration_hf_moe.py", "modeling_hf_moe.py", "experts_kernels_hf_moe.py"]
+CODE_FILES = ["configuration_hf_moe.py", "modeling_hf_moe.py", "routing_hf_moe.py", "experts_kernels_hf_moe.py"]
 IDS = torch.tensor([[5, 17, 33, 8, 61, 2, 44, 90]])
 
 
