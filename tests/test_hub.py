@@ -354,12 +354,12 @@ def test_evaluation_results_merge_into_the_card(upcycled, tmp_path):
 
 def test_upcycle_dtype_bfloat16_is_exact_in_float32_and_opens_the_source_once(upcycled, tmp_path, monkeypatch,
                                                                               capsys):
-    import hf_moe.upcycling.sources as sources
+    import hf_moe.checkpoints.reading as reading
 
     dense_folder = next((upcycled.parent / "cache").rglob("snapshots/*"))
     opened = []
-    read_weight_map = sources.read_weight_map
-    monkeypatch.setattr(sources, "read_weight_map", lambda folder: opened.append(folder) or read_weight_map(folder))
+    read_weight_map = reading.read_weight_map
+    monkeypatch.setattr(reading, "read_weight_map", lambda folder: opened.append(folder) or read_weight_map(folder))
     cli_main(["upcycle", str(dense_folder), str(tmp_path / "bf16"), "--num_experts", "4", "--dtype", "bfloat16",
               "--verify", "--json"])
     report = json.loads(capsys.readouterr().out)

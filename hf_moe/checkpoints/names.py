@@ -1,7 +1,8 @@
 """How model folders and their tensors are named on disk: the hf_moe model types, the code files a folder ships, the
-tokenizer files copied beside the weights, the tensor names of a sparse block, and Hub ids.
+tokenizer files copied beside the weights, and the tensor names of a sparse block.
 
-(How MoE *modules* are named at run time, for hf_moe and transformers' own MoEs, is `hf_moe.moe_layers`' job.)
+(How MoE *modules* are named at run time, for hf_moe and transformers' own MoEs, is `hf_moe.moe_layers`' job; Hub
+ids, `lineage.py`'s.)
 """
 
 import importlib.util
@@ -10,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from ..modeling.configuration_hf_moe import MHMoeConfig, MoeConfig, SwitchConfig
 
@@ -95,28 +94,3 @@ def expected_tensor_names(model) -> set[str]:
         names.discard("lm_head.weight")
     return names
 
-
-# A folder inside the huggingface_hub cache: .../models--owner--name/snapshots/<revision>
-HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
-
-
-def is_hub_id_shaped(source: str) -> bool:
-    """Whether a path that does not exist could be a Hub id (`owner/name`), rather than a mistyped local path."""
-    return source.count("/") == 1 and not source.startswith((".", "/"))
-
-
-def hub_id(source: str | Path | None) -> str | None:
-    """The Hub id `source` stands for: an `owner/name` that is not a local path, or a folder of the Hub cache."""
-    if source is None:
-        return None
-    cached = HUB_CACHE_SNAPSHOT.search(Path(source).absolute().as_posix())
-    if cached:
-        return f"{cached['owner']}/{cached['name']}"
-    text = str(source)
-    if Path(text).exists() or text.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return None
-    return text

@@ -14,7 +14,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedConfig
 
 from ..errors import HubUnreachableError, UnsupportedCheckpointError
-from .names import HUB_CACHE_SNAPSHOT, TOKENIZER_FILES, is_hub_id_shaped
+from .lineage import HUB_CACHE_SNAPSHOT, is_hub_id_shaped
+from .names import TOKENIZER_FILES
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"

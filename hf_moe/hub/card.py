@@ -14,7 +14,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .lineage import Lineage
+from ..checkpoints.lineage import Lineage
 
 CARD_MARKER = "<!-- hf_moe model card -->"
 ARCHITECTURE_NAMES = {"hf_moe": "top-k Mixture-of-Experts", "hf_switch": "Switch Transformer (top-1)",

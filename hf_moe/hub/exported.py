@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
+from ..checkpoints.lineage import Lineage, local_card
 from .card import HF_MOE, KIND_LIMITATIONS, parameter_counts, render_card, write_card
-from .lineage import Lineage, local_card
 
 TARGET_TITLES = {"mixtral": "Mixtral", "qwen2_moe": "Qwen2-MoE", "qwen3_moe": "Qwen3-MoE"}
 

@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
+from ..checkpoints.lineage import display_name, lineage_of
 from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from .card import command_line, render_card, write_card
-from .lineage import display_name, lineage_of
 
 
 def _megabytes(count: int) -> str:

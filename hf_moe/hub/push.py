@@ -17,8 +17,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard
 
+from ..checkpoints.lineage import lineage_of
 from .card import is_hf_moe_card, render_card, with_model_id, write_card
-from .lineage import lineage_of
 from .publish import referenced_files
 from .training import write_training_card
 

@@ -4,10 +4,9 @@ per-layer router summary (the keys `ExpertStatsCallback` logs)."""
 import re
 from pathlib import Path
 
-from ..checkpoints.names import hub_id
+from ..checkpoints.lineage import hub_id, lineage_of
 from ..moe_layers import moe_module_names
 from .card import command_line, render_card, write_card
-from .lineage import lineage_of
 
 _LAYER_KEY = re.compile(
     r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|max_vio|router_entropy|dropped_fraction)")

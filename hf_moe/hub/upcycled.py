@@ -2,24 +2,8 @@
 
 from pathlib import Path
 
-from ..checkpoints.names import hub_id
+from ..checkpoints.lineage import source_lineage
 from .card import command_line, render_card, write_card
-from .lineage import Lineage, gguf_license, lineage_of
-
-
-def source_lineage(dense) -> Lineage:
-    """Lineage of a `DenseCheckpoint`: its Hub id (given, embedded, or a Hub-cache folder) and its license (card
-    metadata, else config, else GGUF `general.license`)."""
-    if dense.gguf_file is not None:
-        lineage = Lineage(parent=dense.gguf_file.name)
-    else:
-        lineage = lineage_of(dense.folder)
-    source_id = hub_id(dense.name) or hub_id(dense.folder)
-    if source_id:
-        lineage.base_model = lineage.parent = source_id
-    lineage.license = (lineage.license or getattr(dense.config, "license", None)
-                       or (gguf_license(dense.gguf_file) if dense.gguf_file is not None else None))
-    return lineage
 
 
 def routing_accuracy_markdown(experts: list[str], report: dict) -> str:

@@ -20,13 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from ..checkpoints.atomic import resolve_output_dir
+from ..checkpoints.lineage import hub_id
 from ..checkpoints.names import (
     FUSED_EXPERTS_TENSOR,
     HF_MOE_MODEL_TYPES,
     PER_EXPERT_TENSOR,
     ROUTER_TENSOR,
     expected_tensor_names,
-    hub_id,
     meta_model,
 )
 from ..checkpoints.reading import folder_tokenizer, open_model_folder, stream_tensors

@@ -11,7 +11,7 @@ import evaluate
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..checkpoints.names import is_hub_id_shaped
+from ..checkpoints.lineage import is_hub_id_shaped
 from ..data import build_mixture
 from ..data.sft import ensure_chat_template, generation_prompt, tokenize_for_sft
 from ..expert_choice import ExpertChoiceGapRecorder, expert_choice_routers

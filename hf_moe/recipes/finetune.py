@@ -14,7 +14,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from ..checkpoints.names import is_hub_id_shaped
+from ..checkpoints.lineage import is_hub_id_shaped
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
 from ..hub.training import write_training_card

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints.atomic import resolve_output_dir
+from ..checkpoints.lineage import source_lineage
 from ..checkpoints.reading import DenseCheckpoint
-from ..hub.upcycled import source_lineage
 from ..modeling import configuration_hf_moe
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
 from .experts import EXPERT_INITS

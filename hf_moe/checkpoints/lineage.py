@@ -1,11 +1,39 @@
-"""Where a model comes from, as the Hub understands it: the parent's Hub id (never a local path) and its license."""
+"""Where a model comes from: the Hub id a source stands for (an `owner/name`, or a folder of the Hub cache), and the
+lineage a derived folder records — the nearest ancestor on the Hub (`base_model`), the license carried over, how the
+direct parent is named (never an absolute path)."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import ModelCard
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
-from ..checkpoints.names import hub_id
+# A folder inside the huggingface_hub cache: .../models--owner--name/snapshots/<revision>
+HUB_CACHE_SNAPSHOT = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
+
+
+def is_hub_id_shaped(source: str) -> bool:
+    """Whether a path that does not exist could be a Hub id (`owner/name`), rather than a mistyped local path."""
+    return source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+def hub_id(source: str | Path | None) -> str | None:
+    """The Hub id `source` stands for: an `owner/name` that is not a local path, or a folder of the Hub cache."""
+    if source is None:
+        return None
+    cached = HUB_CACHE_SNAPSHOT.search(Path(source).absolute().as_posix())
+    if cached:
+        return f"{cached['owner']}/{cached['name']}"
+    text = str(source)
+    if Path(text).exists() or text.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
 
 
 @dataclass
@@ -58,3 +86,18 @@ def gguf_license(path: str | Path) -> str | None:
 
     field = gguf.GGUFReader(str(path)).fields.get("general.license")
     return None if field is None else str(field.contents())
+
+
+def source_lineage(dense) -> Lineage:
+    """Lineage of a dense source (`hf_moe.checkpoints.reading.DenseCheckpoint`): its Hub id (given, embedded, or a
+    Hub-cache folder) and its license (card metadata, else config, else GGUF `general.license`)."""
+    if dense.gguf_file is not None:
+        lineage = Lineage(parent=dense.gguf_file.name)
+    else:
+        lineage = lineage_of(dense.folder)
+    source_id = hub_id(dense.name) or hub_id(dense.folder)
+    if source_id:
+        lineage.base_model = lineage.parent = source_id
+    lineage.license = (lineage.license or getattr(dense.config, "license", None)
+                       or (gguf_license(dense.gguf_file) if dense.gguf_file is not None else None))
+    return lineage
