@@ -9,7 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from hf_moe.training import ExpertStatsCallback, NonFiniteGuardCallback, add_moe_callbacks
+from hf_moe.training import (
+    AuxLossFreeBalancingCallback,
+    ExpertStatsCallback,
+    NonFiniteGuardCallback,
+    add_moe_callbacks,
+)
 
 from .conftest import tiny_config
 
@@ -20,10 +25,10 @@ SUMMARY_KEYS = {"moe/aux_loss", "moe/z_loss", "moe/model_aux_loss", "moe/imbalan
                 "moe/dropped_fraction", "moe/expert_activation_rate", "moe/max_vio", "moe/nonfinite_skipped_steps"}
 
 
-def _trainer(tmp_path, report_to, disable_tqdm=True, callbacks=None) -> Trainer:
+def _trainer(tmp_path, report_to, disable_tqdm=True, callbacks=None, **config) -> Trainer:
     """Four optimizer steps, logged every two, of a tiny hf_moe model with 4 sparse layers of 8 experts."""
     model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", num_hidden_layers=NUM_LAYERS,
-                                                         num_experts=NUM_EXPERTS))
+                                                         num_experts=NUM_EXPERTS, **config))
     rows = torch.randint(3, 97, (8, 12), generator=torch.Generator().manual_seed(0)).tolist()
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
                              report_to=report_to, disable_tqdm=disable_tqdm, save_strategy="no", use_cpu=True, seed=0)
@@ -100,3 +105,21 @@ def test_callbacks_passed_to_the_trainer_do_not_warn_without_report_to_loggers(t
     assert "add_moe_callbacks" not in caplog.text
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(_per_layer_keys(logged[-1])) == NUM_LAYERS * (len(PER_LAYER_METRICS) + NUM_EXPERTS)
+
+
+def test_the_balancing_gamma_is_recorded_for_the_card_and_not_printed(tmp_path, capsys):
+    """The card reads what the run logged: the gamma sits in every `log_history` entry (trainer_state.json), not on
+    the console nor in TensorBoard, where it would be a constant plotted as a metric."""
+    from hf_moe.hub.training import write_training_card
+
+    trainer = add_moe_callbacks(_trainer(tmp_path, ["tensorboard"], router_bias_update_rate=0.01),
+                                AuxLossFreeBalancingCallback(update_rate=0.05), ExpertStatsCallback(heatmap=False))
+    trainer.train()
+    assert len(trainer.state.log_history) == 3  # two logging steps and the run's summary
+    assert all(entry["moe/selection_bias_update_rate"] == 0.05 for entry in trainer.state.log_history)
+    printed = _printed_training_logs(capsys.readouterr().out)
+    assert len(printed) == 2 and not any("moe/selection_bias_update_rate" in line for line in printed)
+    assert not {tag for tag in _tensorboard_scalar_tags(tmp_path) if "selection_bias" in tag}
+    card = write_training_card(trainer).read_text()
+    assert ("| load balancing | aux loss coef 0.01 (micro_batch); auxiliary-loss-free selection bias, updated every "
+            "step (gamma 0.05) |") in card

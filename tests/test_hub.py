@@ -201,6 +201,22 @@ def test_finetune_then_publish_carries_the_training_card_and_its_heatmap(upcycle
     assert set(CODE_FILES) <= set(uploaded) and uploaded == result.files
 
 
+def test_the_training_card_names_the_balancing_the_log_history_records():
+    from hf_moe.hub.training import balancing_description
+
+    from .conftest import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("hf_moe", router_bias_update_rate=0.01))
+    logged = [{"loss": 2.0, "step": 1}, {"loss": 1.5, "moe/selection_bias_update_rate": 0.05, "step": 2},
+              {"train_runtime": 1.0, "step": 2}]
+    assert balancing_description(logged, model) == ("aux loss coef 0.01 (micro_batch); auxiliary-loss-free selection "
+                                                     "bias, updated every step (gamma 0.05)")
+    assert balancing_description(logged[:1], model) == ("aux loss coef 0.01 (micro_batch); selection bias held fixed "
+                                                         "(no balancing callback)")
+    plain = AutoModelForCausalLM.from_config(tiny_config("hf_moe"))
+    assert balancing_description(logged, plain) == "aux loss coef 0.01 (micro_batch)"
+
+
 def test_model_push_to_hub_uploads_the_hf_moe_card_and_code(upcycled, fake_hub):
     model = AutoModelForCausalLM.from_pretrained(upcycled)
     model.push_to_hub("acme/pushed", tags=["my-tag"])

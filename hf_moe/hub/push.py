@@ -4,11 +4,12 @@
 - `model.push_to_hub(repo)` uploads an hf_moe card instead of transformers' generic one: the card of the folder the
   model was loaded from (with the images it shows), else one rendered from the config; a repo that already has an
   hf_moe card keeps it;
-- `trainer.push_to_hub()` with `ExpertStatsCallback` uploads the fine-tuned card instead of the Trainer's.
+- `trainer.push_to_hub()` uploads the fine-tuned card instead of the Trainer's.
 
 The first two are installed on the hf_moe model classes by `install_card_hooks()` (run with the first hf_moe config,
 `hf_moe.auto`; the modeling files themselves know nothing of cards, so remote code without hf_moe keeps transformers'
-card), the third by `use_training_card_on_push` (called by `hf_moe.training.add_moe_callbacks`).
+card), the third on a Trainer by `use_training_card_on_push(trainer)`, called by whoever builds the Trainer (`hf-moe
+finetune`'s `build_trainer`; hf_moe.training, which knows nothing of cards, does not).
 """
 
 import functools
@@ -54,7 +55,15 @@ def write_card_on_save(model, folder, repo_id: str | None = None) -> None:
 
 
 def use_training_card_on_push(trainer) -> None:
-    """Make this `trainer.push_to_hub()` write hf_moe's fine-tuned card.
+    """Make this `trainer.push_to_hub()` write hf_moe's fine-tuned card (from what the run logged, see
+    `write_training_card`).
+
+    Example:
+    ```python
+    >>> trainer = add_moe_callbacks(Trainer(model=moe, args=args, train_dataset=ds), ExpertStatsCallback())
+    >>> use_training_card_on_push(trainer)
+    >>> trainer.train(); trainer.push_to_hub()
+    ```
 
     `Trainer.push_to_hub` saves the model, then calls `self.create_model_card(model_name=..., **kwargs)`, which
     overwrites README.md with the Trainer's summary, then uploads `output_dir`. Replacing the method on this

@@ -1,5 +1,7 @@
 """The card of a fine-tuned folder, from a `transformers.Trainer`: recipe, final losses, expert-load heatmap and a
-per-layer router summary (the keys `ExpertStatsCallback` logs)."""
+per-layer router summary. It reads what the run recorded — the Trainer's arguments, `state.log_history` (the keys
+hf_moe's training callbacks log) and the model — never the callbacks themselves, so the Hub side imports nothing of
+`hf_moe.training`."""
 
 import re
 from pathlib import Path
@@ -11,6 +13,8 @@ from .card import command_line, render_card, write_card
 _LAYER_KEY = re.compile(
     r"moe/layer(?P<layer>\d+)/(?P<metric>imbalance_max_over_mean|max_vio|router_entropy|dropped_fraction)")
 _HEATMAP = re.compile(r"expert_load_step(?P<step>\d+)\.png")
+# Logged by `hf_moe.training.AuxLossFreeBalancingCallback`: the gamma its selection biases were updated with.
+_BIAS_UPDATE_RATE = "moe/selection_bias_update_rate"
 
 
 def frozen_parts(model) -> str:
@@ -26,10 +30,10 @@ def frozen_parts(model) -> str:
     return ", ".join(frozen) or "none"
 
 
-def balancing_description(trainer, model) -> str:
-    """How the run balanced the experts: the aux-loss weights and whether a selection bias was trained (with gamma)."""
+def balancing_description(log_history: list[dict], model) -> str:
+    """How the run balanced the experts: the aux-loss weights and whether a selection bias was trained (with the
+    gamma the run logged)."""
     from ..moe_layers import find_moe_layers
-    from ..training.balancing import AuxLossFreeBalancingCallback, bias_update_rate
 
     config = model.config
     parts = [f"aux loss coef {getattr(config, 'router_aux_loss_coef', 'n/a')}"]
@@ -38,11 +42,9 @@ def balancing_description(trainer, model) -> str:
     if getattr(config, "router_sequence_aux_loss_coef", 0):
         parts.append(f"sequence-wise aux loss coef {config.router_sequence_aux_loss_coef}")
     if any(layer.selection_bias_name for layer in find_moe_layers(model)):
-        balancers = [callback for callback in trainer.callback_handler.callbacks
-                     if isinstance(callback, AuxLossFreeBalancingCallback)]
-        if balancers:
-            gamma = bias_update_rate(model, balancers[0].update_rate)
-            parts.append(f"auxiliary-loss-free selection bias, updated every step (gamma {gamma:g})")
+        logged = _last(log_history, _BIAS_UPDATE_RATE)
+        if logged is not None:
+            parts.append(f"auxiliary-loss-free selection bias, updated every step (gamma {logged[0]:g})")
         else:
             parts.append("selection bias held fixed (no balancing callback)")
     return "; ".join(parts)
@@ -94,7 +96,7 @@ def training_section(trainer, data: str | None = None) -> dict:
                                 f" schedule, {args.warmup_steps} warmup steps"),
               ("optimizer", str(getattr(args.optim, "value", args.optim))),
               ("frozen MoE parts", frozen_parts(model)),
-              ("load balancing", balancing_description(trainer, model)),
+              ("load balancing", balancing_description(state.log_history, model)),
               ("trainable parameters", f"{trainable:,} of {total:,}")]
     if data:
         recipe.append(("data", data))

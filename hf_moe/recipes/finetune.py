@@ -17,6 +17,7 @@ from transformers import (
 from ..checkpoints.lineage import is_hub_id_shaped
 from ..data import build_mixture, load_instruction_dataset
 from ..data.sft import check_json_rows, ensure_chat_template, tokenize_for_sft
+from ..hub.push import use_training_card_on_push
 from ..hub.training import write_training_card
 from ..modeling.configuration_hf_moe import ROUTER_AUX_LOSS_SCOPES
 from ..moe_layers import find_moe_layers
@@ -176,6 +177,8 @@ def build_trainer(args: FinetuneArguments, training_args: TrainingArguments, mod
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
                       callbacks=list(extra_callbacks))
+    if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
+        use_training_card_on_push(trainer)  # trainer.push_to_hub() (and --push_to_hub) upload the fine-tuned card
     return add_moe_callbacks(trainer, *callbacks)
 
 

@@ -30,6 +30,9 @@ from .router_stats import RouterStatsRecorder
 logger = logging.getLogger(__name__)
 
 DEFAULT_UPDATE_RATE = 1e-3  # u in arXiv 2408.15664; DeepSeek-V3's gamma for most of its pre-training
+# The gamma a run balances with, in each `state.log_history` entry (so in trainer_state.json), where the fine-tuned
+# card reads it. A setting rather than a metric: it is not sent to the `report_to` loggers or the console.
+UPDATE_RATE_LOG_KEY = "moe/selection_bias_update_rate"
 
 
 def no_selection_bias_message(model: nn.Module) -> str:
@@ -140,9 +143,10 @@ class AuxLossFreeBalancingCallback(TrainerCallback):
 
     Works on any model whose routers carry a selection bias (`hf_moe.moe_layers` finds it): hf_moe models with
     `router_bias_update_rate` > 0, and transformers' families with `e_score_correction_bias`. `update_rate` (gamma)
-    defaults to the model config's `router_bias_update_rate`, else 1e-3. Routers frozen before training keep their
-    bias, and a step that [`NonFiniteGuardCallback`] skipped moves no bias (its loads are discarded). A model without
-    any selection bias gets one warning naming its model type and nothing happens.
+    defaults to the model config's `router_bias_update_rate`, else 1e-3, and every `state.log_history` entry records
+    it (`moe/selection_bias_update_rate`, read by the model card). Routers frozen before training keep their bias, and
+    a step that [`NonFiniteGuardCallback`] skipped moves no bias (its loads are discarded). A model without any
+    selection bias gets one warning naming its model type and nothing happens.
 
     Example:
     ```python
@@ -166,6 +170,10 @@ class AuxLossFreeBalancingCallback(TrainerCallback):
         elif self.balancer.frozen_layers:
             logger.info("AuxLossFreeBalancingCallback: the routers of layers %s are frozen; their selection biases "
                         "stay as they are", self.balancer.frozen_layers)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.balancer is not None and state.log_history:  # the entry the Trainer appended for these logs
+            state.log_history[-1][UPDATE_RATE_LOG_KEY] = self.balancer.update_rate
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.balancer is None:

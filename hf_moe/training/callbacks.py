@@ -24,7 +24,8 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
     again behind ours, through the public `pop_callback` / `add_callback` (pinned by a test). The Trainer's console
     printer (`ProgressCallback`, or `PrinterCallback` with `disable_tqdm`) is re-added as [`MoeProgressCallback`] /
     [`MoePrinterCallback`], which print the MoE summary without the per-layer keys. Under DeepSpeed ZeRO-3 the
-    sparse blocks also become ZeRO-3 leaf modules (`hf_moe.training.zero3`).
+    sparse blocks also become ZeRO-3 leaf modules (`hf_moe.training.zero3`). (hf_moe's fine-tuned card on
+    `trainer.push_to_hub()` is the Hub side's: `hf_moe.hub.use_training_card_on_push(trainer)`.)
 
     Example:
     ```python
@@ -42,10 +43,6 @@ def add_moe_callbacks(trainer: Trainer, *callbacks: TrainerCallback) -> Trainer:
             callback.ahead_of_reporters = True
         if isinstance(callback, OptimizerStepCallback):
             callback.trainer = trainer
-    if any(isinstance(callback, ExpertStatsCallback) for callback in callbacks):
-        from ..hub.push import use_training_card_on_push
-
-        use_training_card_on_push(trainer)  # trainer.push_to_hub() then uploads hf_moe's fine-tuned card
     set_zero3_leaf_sparse_blocks(trainer)  # a no-op unless DeepSpeed ZeRO-3 is configured
     return trainer
 
