@@ -594,7 +594,6 @@ def test_group_limited_budget_refusal_lists_the_accepted_counts(tmp_path):
                                   "groups; choose one of 4, 6")
 
 
-@pytest.mark.xfail(strict=True, reason="the message comes from hf_moe/data/sft.py `_reason` (its owner fixes it)")
 def test_cli_malformed_calibration_line_names_the_column_once(tiny_upcycled, tmp_path, capsys):
     from hf_moe.cli import main
 

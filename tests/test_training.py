@@ -307,8 +307,8 @@ GOOD_ROW = '{"instruction": "Say hi.", "response": "hi"}'
 
 @pytest.mark.parametrize("lines, problem", [
     ([GOOD_ROW] * 12 + ['{"instruction": "Say bye.", "response": '] + [GOOD_ROW] * 3,
-     "line 13 is not valid JSON (Expecting value at column 41)"),
-    ([GOOD_ROW, "", GOOD_ROW + " trailing"], "line 3 is not valid JSON (Extra data at column 46)"),
+     "line 13 is not valid JSON (Expecting value: column 41)"),
+    ([GOOD_ROW, "", GOOD_ROW + " trailing"], "line 3 is not valid JSON (Extra data: column 46)"),
     (['{"instruction": "Say bye.", "response": '] + [GOOD_ROW] * 3, "line 1 is not valid JSON"),
     ([GOOD_ROW, "[1, 2]"], "line 2 is not a JSON object (a row): '[1, 2]'"),
     ([], "empty"),

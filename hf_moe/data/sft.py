@@ -95,7 +95,7 @@ def _json_document_error(path: Path) -> str | None:
 
 def _reason(error: ValueError) -> str:
     if isinstance(error, json.JSONDecodeError):
-        return f"{error.msg} at column {error.colno}"
+        return f"{error.msg}: column {error.colno}"
     return str(error)
 
 
