@@ -5,7 +5,7 @@ Adding a subcommand (every one gets `--json`, `--debug` and one-line errors from
 
 1. Write `def _name(args)` that calls the library and RETURNS its result instead of printing: plain data (a dict is
    shown as a key/value summary, a list of row dicts as a table) or `Report(data, text)` when people should see a
-   text of your own (build it with `hf_moe.cli_output.table` / `summary`). `--json` prints the data.
+   text of your own (build it with `hf_moe.text_table.table` / `hf_moe.cli_output.summary`). `--json` prints the data.
 2. Add `"name": ("module:ArgumentsDataclass", _name, "one-line help")` to `_commands()` (a string, so the
    dataclass's module is imported only when the command runs), and its leading positional arguments to
    `POSITIONALS` if it takes any.
@@ -91,8 +91,8 @@ def _export(args) -> Report:
 
 
 def _prune(args) -> Report:
-    from .cli_output import table
     from .pruning import run_prune, verify_pruning
+    from .text_table import table
 
     folder = run_prune(args)
     report = json.loads((folder / "pruning.json").read_text())

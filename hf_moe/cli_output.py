@@ -4,14 +4,15 @@ A command returns its result instead of printing it: plain data (a dict, a list 
 `Report` carrying both the data and a text written for people. `render` turns either into what is printed:
 
 - `--json`: the data as one JSON document (every field the command computed);
-- otherwise the `Report`'s text, or for plain data a generic layout: a list of row dicts is an aligned table, a dict
-  is a key/value summary (nested dicts indented, lists of row dicts as tables under their key).
+- otherwise the `Report`'s text, or for plain data a generic layout: a list of row dicts is an aligned table
+  (`hf_moe.text_table`), a dict is a key/value summary (nested dicts indented, lists of row dicts as tables under
+  their key).
 """
 
 import json
 from dataclasses import dataclass
 
-MAX_CELL = 48  # characters shown per table cell; --json has the full text
+from .text_table import format_value, table
 
 
 @dataclass
@@ -22,38 +23,8 @@ class Report:
     text: str
 
 
-def format_value(value) -> str:
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(format_value(item) for item in value)
-    return " ".join(str(value).split())  # one line per cell
-
-
 def _is_rows(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(row, dict) for row in value)
-
-
-def table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
-    """An aligned text table of `rows`; `columns` maps keys to headings (default: every key, named as is).
-
-    Long cells are cut to `MAX_CELL` characters; numeric columns are right-aligned.
-    """
-    columns = columns or {key: key for row in rows for key in row}
-    cells = [[_cut(format_value(row.get(key))) for key in columns] for row in rows]
-    numeric = [all(isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool) for row in rows)
-               for key in columns]
-    widths = [max([len(heading), *(len(line[i]) for line in cells)]) for i, heading in enumerate(columns.values())]
-
-    def line(values):
-        return "  ".join(value.rjust(width) if right else value.ljust(width)
-                         for value, width, right in zip(values, widths, numeric, strict=True)).rstrip()
-
-    return "\n".join([line(list(columns.values())), line(["-" * width for width in widths]), *map(line, cells)])
 
 
 def summary(data: dict, indent: int = 0) -> str:
@@ -84,10 +55,6 @@ def render(result, as_json: bool = False) -> str:
     if _is_rows(data):
         return table(data)
     return "" if data is None else str(data)
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
 
 
 def format_verification(report: dict, candidate: str = "upcycled", reference: str = "dense") -> str:

@@ -11,8 +11,9 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moe.cli import main as cli_main
-from hf_moe.cli_output import render, table
+from hf_moe.cli_output import render
 from hf_moe.errors import UserError
+from hf_moe.text_table import table
 
 from .conftest import byte_tokenizer
 

@@ -138,7 +138,7 @@ def benchmark_pruning(args: PruningBenchmarkArguments) -> dict:
 
 
 def format_table(result: dict) -> str:
-    from ..cli_output import table
+    from ..text_table import table
 
     columns = {"variant": "variant", "weights_mb": "weights MB", "validation_loss": "val loss",
                "validation_loss_delta": "Δ val loss", "heldout_loss": "held-out loss",

@@ -167,7 +167,7 @@ def run_evaluate(args: EvaluateArguments) -> dict:
 
 def format_evaluation(report: dict) -> str:
     """`evaluate_model`'s report for people: perplexity, loss and exact match per split, then exact match per family."""
-    from ..cli_output import table
+    from ..text_table import table
 
     splits = {name: values for name, values in report.items() if isinstance(values, dict) and "perplexity" in values}
     overall = table([{"split": name, **{key: values.get(key) for key in ("perplexity", "loss", "exact_match",
