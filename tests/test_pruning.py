@@ -12,18 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from hf_moe.errors import UnsupportedCheckpointError
 from hf_moe.moe_layers import RoutingGroups
-from hf_moe.pruning import (
-    ExpertSaliency,
-    LayerPlan,
-    average_linkage_clusters,
-    measure_saliency,
-    merging_plan,
-    open_source,
-    prune,
-    verify_pruning,
-    write_pruned_folder,
-)
-from hf_moe.pruning.merge import euclidean_distances
+from hf_moe.pruning import ExpertSaliency, measure_saliency, prune, verify_pruning
+from hf_moe.pruning.merge import average_linkage_clusters, euclidean_distances, merging_plan
+from hf_moe.pruning.plan import LayerPlan
+from hf_moe.pruning.prune import open_source, write_pruned_folder
 
 from .conftest import byte_tokenizer, tiny_config
 
@@ -353,7 +345,7 @@ def test_prune_takes_a_model_in_memory_and_mh_moe(tmp_path):
 def test_calibration_reads_jsonl_text_and_chat_rows(tiny_upcycled, tmp_path):
     from transformers import AutoTokenizer
 
-    from hf_moe.pruning import calibration_inputs
+    from hf_moe.pruning.calibration import calibration_inputs
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_upcycled)
     text = tmp_path / "text.jsonl"

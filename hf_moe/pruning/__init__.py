@@ -1,15 +1,13 @@
 """MoE → smaller MoE of the same architecture: expert saliency on calibration data (REAP, routing frequency, expert
-activation norm), pruning the least salient experts or merging experts (HC-SMoE), written as a model folder."""
+activation norm), pruning the least salient experts or merging experts (HC-SMoE), written as a model folder.
+
+Exported here: what users and the command line call (`prune`, `run_prune`, `PruneArguments`, `verify_pruning`) and
+the saliency `prune(..., saliency=...)` accepts (`measure_saliency`, `ExpertSaliency`); the rest is internal to its
+module."""
 
 from .arguments import PruneArguments
-from .calibration import calibration_inputs
-from .merge import average_linkage_clusters, euclidean_distances, merge_tensors, merging_plan
-from .plan import LayerPlan, accepted_counts, keep_count, pruning_plan
-from .prune import SUPPORTED_MODEL_TYPES, open_source, prune, run_prune, write_pruned_folder
-from .saliency import METHODS, ExpertSaliency, measure_saliency
-from .verify import format_routing_flips, verify_pruning
+from .prune import prune, run_prune
+from .saliency import ExpertSaliency, measure_saliency
+from .verify import verify_pruning
 
-__all__ = ["prune", "run_prune", "PruneArguments", "measure_saliency", "ExpertSaliency", "METHODS",
-           "calibration_inputs", "LayerPlan", "keep_count", "accepted_counts", "pruning_plan",
-           "merging_plan", "average_linkage_clusters", "euclidean_distances", "merge_tensors", "open_source",
-           "write_pruned_folder", "SUPPORTED_MODEL_TYPES", "verify_pruning", "format_routing_flips"]
+__all__ = ["prune", "run_prune", "PruneArguments", "measure_saliency", "ExpertSaliency", "verify_pruning"]

@@ -13,9 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..checkpoints.compare import SAMPLE_PROMPTS, chat_prompt_ids, pad_token_id
 from ..data import build_mixture
-from ..pruning import keep_count, measure_saliency, open_source, prune
+from ..pruning import measure_saliency, prune
 from ..pruning.calibration import calibration_inputs
 from ..pruning.merge import cosine_distances
+from ..pruning.plan import keep_count
+from ..pruning.prune import open_source
 from .evaluate import evaluate_model
 
 VARIANTS = ("reap", "frequency", "ean_sum", "ean_mean", "merge")
