@@ -92,6 +92,7 @@ def _export(args) -> Report:
 
 def _prune(args) -> Report:
     from .pruning import run_prune, verify_pruning
+    from .pruning.verify import format_routing_flips
     from .text_table import table
 
     folder = run_prune(args)
@@ -105,7 +106,8 @@ def _prune(args) -> Report:
     if args.verify:
         verification = verify_pruning(args.source, folder)
         result["verification"] = verification
-        text += "\n\n" + format_verification(verification, candidate="pruned", reference="source")
+        text += ("\n\n" + format_verification(verification, candidate="pruned", reference="source") + "\n"
+                 + format_routing_flips(verification))
     return Report(result, text)
 
 
@@ -221,7 +223,7 @@ def _commands() -> dict:
         "export": ("hf_moe.export.export:ExportArguments", _export, "FOLDER OUTPUT --to auto|mixtral|qwen2_moe|"
                    "qwen3_moe: the same model as a native checkpoint for stock transformers (or a refusal naming why)"),
         "prune": ("hf_moe.pruning.arguments:PruneArguments", _prune, "MODEL OUT --keep N|RATIO --method reap|frequency|"
-                  "ean [--merge]: fewer experts per sparse layer, same architecture (REAP / HC-SMoE)"),
+                  "ean_sum|ean_mean [--merge]: fewer experts per sparse layer, same architecture (REAP / HC-SMoE)"),
         "demo": ("hf_moe.recipes.demo:DemoArguments", _demo,
                  "build, save, reload as remote code and generate, for each architecture"),
         "finetune": (("hf_moe.recipes.finetune:FinetuneArguments", "hf_moe.recipes.finetune:FinetuneTrainingArguments"),

@@ -609,3 +609,14 @@ def test_cli_calibration_without_an_accepted_column_names_the_text_field_on_one_
         f"hf-moe prune: error: calibration data {calibration}: rows need a `text` column, a `messages` column or one "
         "of the column pairs instruction/response, instruction/output, prompt/completion, question/answer; found "
         "['body']\n")
+
+
+def test_cli_prune_verify_prints_the_routing_flips(tiny_upcycled, tmp_path, capsys):
+    from hf_moe.cli import main
+
+    main(["prune", str(tiny_upcycled), str(tmp_path / "out"), "--keep", "3", "--method", "frequency", "--verify",
+          "--calibration_samples", "4", "--max_length", "32"])
+    report = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    routing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("routing: ")]
+    assert len(routing) == 1 and " (token, sparse layer) choices of experts changed on the prompts" in routing[0]
+    assert report["num_experts"]["pruned"] == 3
