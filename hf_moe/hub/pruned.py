@@ -17,7 +17,7 @@ def pruning_rows(report: dict) -> list[tuple[str, str]]:
     plan = report["plan"]
     shown = plan if len(plan) <= 12 else plan[:12]
     if report["merge"]:
-        how = "merged: " + report["merge"] + f"; representative by `{report['method']}`"
+        how = "merged: " + report["merge"]  # the merge names how each cluster's expert is chosen
     else:
         how = f"pruned by `{report['method']}`: {report['method_definition']}" if report["method"] else \
             report["method_definition"]
