@@ -392,3 +392,18 @@ def test_upcycle_dtype_bfloat16_is_exact_in_float32_and_opens_the_source_once(up
 def test_upcycle_rejects_an_unknown_dtype(upcycled, tmp_path):
     with pytest.raises(ValueError, match="`dtype`='int8' is invalid: choose one of"):
         upcycle(str(upcycled), str(tmp_path / "x"), dtype="int8")
+
+
+def test_check_asks_for_the_code_files_the_folders_own_code_imports(upcycled, tmp_path):
+    current = shutil.copytree(upcycled, tmp_path / "current")
+    (current / "routing_hf_moe.py").unlink()
+    errors = [str(p) for p in check_folder(current, load=False) if p.severity == "error"]
+    assert errors == ["error: routing_hf_moe.py: missing (the remote code `auto_map` refers to)"]
+    # A folder saved by an older hf_moe: its modeling file imports only the configuration file, and loads so.
+    older = shutil.copytree(upcycled, tmp_path / "older")
+    for name in ("routing_hf_moe.py", "experts_kernels_hf_moe.py"):
+        (older / name).unlink()
+    (older / "modeling_hf_moe.py").write_text("from .configuration_hf_moe import MoeConfig  # noqa: F401\n")
+    problems = [str(p) for p in check_folder(older, load=False)]
+    assert [p for p in problems if p.startswith("error")] == []
+    assert any(p.startswith("warning: modeling_hf_moe.py: differs from the installed hf_moe's copy") for p in problems)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard
+from transformers.dynamic_module_utils import get_relative_imports
 
 from ..checkpoints.names import CODE_PATHS, CONFIG_CLASSES
 
@@ -73,13 +74,29 @@ def _check_config(folder: Path) -> tuple[dict | None, list[Problem]]:
     return config, []
 
 
+def _needed_code_files(folder: Path) -> list[str]:
+    """The code files the folder's remote code needs: the modeling file `auto_map` names and, followed from it, every
+    file it imports relatively (as transformers' remote-code loader does). A folder saved by an older hf_moe ships
+    fewer files than the current one, and loads with them."""
+    needed, pending = [], ["modeling_hf_moe.py"]
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        needed.append(name)
+        if (folder / name).is_file():
+            pending += [f"{module}.py" for module in get_relative_imports(str(folder / name))]
+    return needed
+
+
 def _check_code_files(folder: Path) -> list[Problem]:
     problems = []
-    for installed in CODE_PATHS:
-        shipped = folder / installed.name
+    installed_paths = {path.name: path for path in CODE_PATHS}
+    for name in _needed_code_files(folder):
+        shipped, installed = folder / name, installed_paths.get(name)
         if not shipped.is_file():
-            problems.append(Problem("error", f"{installed.name}: missing (the remote code `auto_map` refers to)"))
-        elif shipped.read_bytes() != installed.read_bytes():
+            problems.append(Problem("error", f"{name}: missing (the remote code `auto_map` refers to)"))
+        elif installed is not None and shipped.read_bytes() != installed.read_bytes():
             problems.append(Problem("warning", f"{installed.name}: differs from the installed hf_moe's copy "
                                                f"({installed}); re-save the model to ship the current code"))
     return problems
