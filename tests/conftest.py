@@ -89,3 +89,20 @@ def tiny_upcycled(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_upcycled")
     return upcycle(str(save_tiny_dense(root / "dense")), str(root / "moe"), num_experts=4, top_k=2)
+
+
+def tiny_sft_trainer(model, tokenizer, tmp_path, *callbacks):
+    """MoeSFTTrainer on eight short texts of different lengths (padded batches of 4), 2 steps, with `callbacks` added
+    through `add_moe_callbacks`."""
+    import trl
+    from datasets import Dataset
+
+    from hf_moe.training import add_moe_callbacks
+    from hf_moe.training.trl import MoeSFTTrainer
+
+    texts = ["the cat sat on the mat", "a", "experts route tokens", "hi", "load balancing", "ok", "z", "mixture"]
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                         max_length=64, seed=0)
+    return add_moe_callbacks(MoeSFTTrainer(model=model, args=args, processing_class=tokenizer,
+                                           train_dataset=Dataset.from_dict({"text": texts})), *callbacks)

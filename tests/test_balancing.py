@@ -26,7 +26,7 @@ from hf_moe.training import (
     freeze_moe,
 )
 
-from .conftest import MODEL_TYPES, tiny_config
+from .conftest import MODEL_TYPES, tiny_config, tiny_sft_trainer
 from .test_builtin_moe import FAMILIES, SMALL
 
 GLM4_MOE = lambda: transformers.Glm4MoeConfig(  # noqa: E731
@@ -536,10 +536,7 @@ def test_sequence_balance_loss_is_deepseek_v3_eqs_17_to_20_per_sequence():
 
 
 def test_model_loss_adds_the_sequence_term_and_trl_agrees(tmp_path):
-    import trl
-    from datasets import Dataset
 
-    from hf_moe.training.trl import MoeSFTTrainer
 
     from .conftest import byte_tokenizer
 
@@ -549,13 +546,8 @@ def test_model_loss_adds_the_sequence_term_and_trl_agrees(tmp_path):
     model = AutoModelForCausalLM.from_config(config).train()
     for layer in find_moe_layers(model):
         selection_bias(model, layer).copy_(torch.tensor([0.2, 0.0, -0.1, 0.0]))
-    texts = ["the cat sat on the mat", "a", "experts route tokens", "hi", "load balancing", "ok", "z", "mixture"]
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
-                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                         max_length=64, seed=0)
-    trainer = add_moe_callbacks(MoeSFTTrainer(model=model, args=args, processing_class=tokenizer,
-                                              train_dataset=Dataset.from_dict({"text": texts})),
-                                AuxLossFreeBalancingCallback(), ExpertStatsCallback(heatmap=False))
+    trainer = tiny_sft_trainer(model, tokenizer, tmp_path, AuxLossFreeBalancingCallback(),
+                               ExpertStatsCallback(heatmap=False))
     batch = dict(next(iter(trainer.get_train_dataloader())))
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():

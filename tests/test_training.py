@@ -9,7 +9,7 @@ from hf_moe.data import HELD_IN_FAMILIES, HELD_OUT_FAMILIES, build_mixture
 from hf_moe.recipes import build_trainer, evaluate_model
 from hf_moe.training import NonFiniteGuardCallback, freeze_moe, train_with_rollback
 
-from .conftest import byte_tokenizer, finetune_arguments
+from .conftest import byte_tokenizer, finetune_arguments, tiny_sft_trainer
 
 
 def _finetune_args(tmp_path, **overrides):
@@ -466,12 +466,9 @@ def test_logged_aux_loss_of_a_builtin_family_is_its_outputs_aux_loss():
 
 def test_logged_aux_loss_under_trl_is_the_aux_loss_trl_adds(tmp_path):
     """TRL's fused LM head returns no aux_loss; MoeSFTTrainer adds (and logs) the model's, bias and padding included."""
-    import trl
-    from datasets import Dataset
 
     from hf_moe.moe_layers import find_moe_layers, selection_bias
-    from hf_moe.training import ExpertStatsCallback, add_moe_callbacks
-    from hf_moe.training.trl import MoeSFTTrainer
+    from hf_moe.training import ExpertStatsCallback
 
     from .conftest import tiny_config
 
@@ -480,13 +477,7 @@ def test_logged_aux_loss_under_trl_is_the_aux_loss_trl_adds(tmp_path):
                                                          router_bias_update_rate=1e-3, router_jitter_noise=0.0))
     for layer in find_moe_layers(model):
         selection_bias(model, layer).copy_(torch.tensor([0.3, 0.0, 0.0, 0.0]))
-    texts = ["the cat sat on the mat", "a", "experts route tokens", "hi", "load balancing", "ok", "z", "mixture"]
-    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
-                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                         max_length=64, seed=0)
-    trainer = add_moe_callbacks(MoeSFTTrainer(model=model, args=args, processing_class=tokenizer,
-                                              train_dataset=Dataset.from_dict({"text": texts})),
-                                ExpertStatsCallback(heatmap=False))
+    trainer = tiny_sft_trainer(model, tokenizer, tmp_path, ExpertStatsCallback(heatmap=False))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 2
