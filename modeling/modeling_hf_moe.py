@@ -223,11 +223,12 @@ class MoeExperts(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ sparse blocks
-def _route_and_run(gate: MoeRouter, experts: MoeExperts, rows: torch.Tensor, row_mask: torch.Tensor | None,
-                   group_size: int, continues_cache: bool = False) -> torch.Tensor:
-    """Route `rows (rows, d)` and run the experts on them, in the form the router's kind takes."""
-    _, weights, chosen = gate(rows, row_mask, group_size, continues_cache)
-    return gate.run_experts(experts, rows, weights, chosen)
+def _route_and_run(block: nn.Module, rows: torch.Tensor, row_mask: torch.Tensor | None, group_size: int,
+                   continues_cache: bool = False) -> torch.Tensor:
+    """Route `rows (rows, d)` and run the experts on them, in the form the block's routing kind takes. The kind's
+    router class hands the assignment over (read from the class: peft may wrap the `gate` module itself)."""
+    _, weights, chosen = block.gate(rows, row_mask, group_size, continues_cache)
+    return ROUTERS[block.routing_kind].run_experts(block.experts, rows, weights, chosen)
 
 
 class MoeSparseBlock(nn.Module):
@@ -235,6 +236,7 @@ class MoeSparseBlock(nn.Module):
 
     def __init__(self, config: MoeConfig):
         super().__init__()
+        self.routing_kind = config.routing_kind
         self.gate = ROUTERS[config.routing_kind](config, config.hidden_size)
         self.experts = MoeExperts(config, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = None
@@ -249,7 +251,7 @@ class MoeSparseBlock(nn.Module):
         input_shape = hidden_states.shape
         tokens = hidden_states.reshape(-1, input_shape[-1])  # (tokens, d)
         row_mask = token_mask.reshape(-1) if token_mask is not None else None
-        output = _route_and_run(self.gate, self.experts, tokens, row_mask, input_shape[1], continues_cache)
+        output = _route_and_run(self, tokens, row_mask, input_shape[1], continues_cache)
         if self.shared_experts is not None:
             output = output + self.shared_experts(tokens)
         return output.reshape(input_shape)
@@ -268,6 +270,7 @@ class MHMoeSparseBlock(nn.Module):
         self.num_heads = config.num_moe_heads
         self.sub_token_size = config.hidden_size // config.num_moe_heads
         self.head_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.routing_kind = config.routing_kind
         self.gate = ROUTERS[config.routing_kind](config, self.sub_token_size)
         self.experts = MoeExperts(config, self.sub_token_size, config.moe_intermediate_size)
         self.merge_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
@@ -283,8 +286,7 @@ class MHMoeSparseBlock(nn.Module):
         input_shape = hidden_states.shape
         sub_tokens = self.head_proj(hidden_states).reshape(-1, self.sub_token_size)  # (tokens * h, d / h)
         row_mask = token_mask.reshape(-1).repeat_interleave(self.num_heads) if token_mask is not None else None
-        routed = _route_and_run(self.gate, self.experts, sub_tokens, row_mask, input_shape[1] * self.num_heads,
-                                continues_cache)
+        routed = _route_and_run(self, sub_tokens, row_mask, input_shape[1] * self.num_heads, continues_cache)
         merged = routed.reshape(input_shape)  # (batch, seq, d)
         output = self.merge_proj(merged)
         if self.shared_experts is not None:
