@@ -10,6 +10,7 @@ from ..checkpoints.atomic import resolve_output_dir
 from ..checkpoints.lineage import source_lineage
 from ..checkpoints.reading import DenseCheckpoint
 from ..modeling import configuration_hf_moe
+from ..modeling.configuration_hf_moe import EXPERT_CHOICE_ROUTING
 from .config_mapping import ARCHITECTURES, parse_moe_layers, upcycled_config
 from .experts import EXPERT_INITS
 from .routers import ROUTER_INITS
@@ -82,7 +83,7 @@ class UpcycleArguments:
             raise ValueError(f"`dtype`={self.dtype!r} is invalid: choose one of {OUTPUT_DTYPES}")
         if self.router_type not in UPCYCLE_ROUTER_TYPES:
             raise ValueError(f"`router_type`={self.router_type!r} is invalid: choose one of {UPCYCLE_ROUTER_TYPES}")
-        if self.router_type == "expert_choice" and (self.arch == "hf_switch" or self.expert_init == "split"
+        if self.router_type == EXPERT_CHOICE_ROUTING and (self.arch == "hf_switch" or self.expert_init == "split"
                                                     or self.experts):
             raise ValueError("`router_type`='expert_choice' needs `arch` hf_moe or hf_mh_moe, one source and "
                              f"`expert_init` copy or drop_upcycle (got arch={self.arch!r}, "
@@ -101,14 +102,14 @@ class UpcycleArguments:
     @property
     def breaks_equivalence(self) -> bool:
         """Whether the chosen init changes the dense model's function on purpose."""
-        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.router_type == "expert_choice"
+        return (bool(self.experts) or self.arch == "hf_mh_moe" or self.router_type == EXPERT_CHOICE_ROUTING
                 or self.expert_init == "drop_upcycle" or self.noise_std > 0
                 or (self.expert_init == "split" and self.top_k % self.granularity != 0))
 
 
 def default_output_dir(args: UpcycleArguments, dense: DenseCheckpoint) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(dense.name).name)
-    routing = f"ec{args.expert_capacity_factor:g}" if args.router_type == "expert_choice" else args.top_k
+    routing = f"ec{args.expert_capacity_factor:g}" if args.router_type == EXPERT_CHOICE_ROUTING else args.top_k
     return Path("out") / f"{name}-{args.arch}-{args.num_experts}x{routing}"
 
 

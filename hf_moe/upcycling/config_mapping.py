@@ -5,6 +5,7 @@ from transformers import PreTrainedConfig
 
 from ..checkpoints.names import CONFIG_CLASSES
 from ..modeling import MoeConfig
+from ..modeling.configuration_hf_moe import EXPERT_CHOICE_ROUTING
 
 ARCHITECTURES = CONFIG_CLASSES  # model type -> config class: hf_moe, hf_switch, hf_mh_moe
 
@@ -82,7 +83,7 @@ def upcycled_config(dense: PreTrainedConfig, arch: str, num_experts: int, top_k:
                   moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True, eval_capacity_factor=None,
                   capacity_factor=capacity_factor, router_type=router_type,
                   base_model=base_model)
-    if router_type == "expert_choice":
+    if router_type == EXPERT_CHOICE_ROUTING:
         fields.update(expert_capacity_factor=expert_capacity_factor)
     if arch == "hf_switch":
         fields.update(straight_through_topk=True)
