@@ -258,13 +258,17 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         self.consecutive = 0
         self.rollback_requested = False
         self.rollbacks = 0
-        self.router_buffers_at_step_start: dict[str, torch.Tensor] = {}
+        self.router_buffers: list[torch.Tensor] = []
+        self.router_buffers_at_step_start: list[torch.Tensor] = []
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # The routers' buffers that training forwards update, found once (the model does not change during training).
+        self.router_buffers = [buffer for layer in find_moe_layers(model, warn=False)
+                               for buffer in layer.router.buffers()]
+
+    def on_step_begin(self, args, state, control, **kwargs):
         # Once per optimizer step, before its first micro-batch: a handful of (E,) tensors per sparse layer.
-        self.router_buffers_at_step_start = {
-            f"{layer.router_name}.{name}": buffer.detach().clone()
-            for layer in find_moe_layers(model, warn=False) for name, buffer in layer.router.named_buffers()}
+        self.router_buffers_at_step_start = [buffer.detach().clone() for buffer in self.router_buffers]
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         finite = all_gradients_finite(model)  # the same on every process: DDP has all-reduced the gradients
@@ -272,10 +276,9 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         if finite:
             self.consecutive = 0
             return
-        buffers = dict(model.named_buffers())
         with torch.no_grad():
-            for name, value in self.router_buffers_at_step_start.items():
-                buffers[name].copy_(value)
+            for buffer, value in zip(self.router_buffers, self.router_buffers_at_step_start, strict=True):
+                buffer.copy_(value)
         self.skipped_steps += 1
         self.consecutive += 1
         logger.warning("non-finite gradients at step %d: optimizer step skipped (%d in a row)",
