@@ -265,6 +265,7 @@ class NonFiniteGuardCallback(_MoeLogCallback):
         # The routers' buffers that training forwards update, found once (the model does not change during training).
         self.router_buffers = [buffer for layer in find_moe_layers(model, warn=False)
                                for buffer in layer.router.buffers()]
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_step_begin(self, args, state, control, **kwargs):
         # Once per optimizer step, before its first micro-batch: a handful of (E,) tensors per sparse layer.
