@@ -46,21 +46,32 @@ def _decoder_stack(model: nn.Module, layers: list[MoeLayer]) -> nn.Module:
 
 
 class _Positions:
-    """The token positions of the decoder stack's current call: batch, seq, first position, attention mask."""
+    """The token positions of the decoder stack's current call: batch, seq, first position, attention mask; and
+    `first_row`, where the call's sequences start in a batch that consecutive calls walk through (a caller scoring a
+    batch in chunks: each call that does not continue a cache starts after the previous call's sequences)."""
 
     def __init__(self):
-        self.batch = self.seq = self.start = 0
+        self.batch = self.seq = self.start = self.first_row = 0
         self.attention_mask = None
+        self.calls = 0
 
     def __call__(self, module, args, kwargs):
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs.get("inputs_embeds")
+        previous_batch = self.batch
         self.batch, self.seq = inputs.shape[:2]
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
         self.start = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        if self.start == 0 and self.calls:
+            self.first_row += previous_batch
+        self.calls += 1
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def restart(self):
+        """The next call starts at the first sequence again."""
+        self.first_row = self.calls = 0
 
     def rows_per_token(self, rows: int) -> int:
         tokens = self.batch * self.seq
@@ -120,7 +131,8 @@ class RoutingRecorder(_RouterHooks):
             index = output[2].detach()
             rows_per_token = positions.rows_per_token(index.shape[0])
             calls = self._batches[-1]["calls"][-1][2]
-            calls[position] = index.reshape(positions.batch, positions.seq, rows_per_token, -1).to("cpu", torch.long)
+            # Kept on the device until the trace is built: no host sync per layer.
+            calls[position] = index.reshape(positions.batch, positions.seq, rows_per_token, -1)
         return record
 
     @property
@@ -140,7 +152,7 @@ class RoutingRecorder(_RouterHooks):
         experts = torch.full((first.shape[0], len(self.layers), length, *first.shape[2:]), NOT_RECORDED)
         for start, seq, per_layer in calls:
             for position, index in per_layer.items():
-                experts[:, position, start:start + seq] = index
+                experts[:, position, start:start + seq] = index.to("cpu", torch.long)
         mask = batch["mask"]
         if mask is not None and mask.shape[1] >= length:
             attention_mask = mask[:, :length].bool().cpu()
@@ -153,12 +165,17 @@ class RoutingRecorder(_RouterHooks):
 class RoutingReplay(_RouterHooks):
     """While attached, every router call routes its rows to the experts `trace` holds for their positions (rows the
     trace did not record keep the live choice); the gate weights are the live router's (`gates.replayed_gates`).
-    `trace` may be swapped between forwards; None replays nothing. `replayed_rows` / `routed_rows` count the router
-    rows of real tokens since the last `reset_counts()`."""
+    `trace` may be swapped between forwards; None replays nothing. `replayed_rows` / `routed_rows` count the tokens
+    (real ones) since the last `reset_counts()`.
 
-    def __init__(self, model: nn.Module, trace: RoutingTrace | None = None):
+    A forward's batch must be the trace's; with `chunks=True` consecutive forwards walk through the trace's sequences
+    instead (a caller scoring the batch in chunks, as TRL does): each forward that does not continue a KV cache takes
+    the sequences after the previous forward's, from the first again whenever `trace` is set."""
+
+    def __init__(self, model: nn.Module, trace: RoutingTrace | None = None, chunks: bool = False):
         super().__init__(model)
         self._conventions = {}
+        self.chunks = chunks
         self.trace = trace
         self.reset_counts()
 
@@ -173,6 +190,7 @@ class RoutingReplay(_RouterHooks):
                              self.layers[0].top_k, model_type=model_type(self.model))
         self._trace = trace
         self._device_experts = None
+        self.positions.restart()
 
     def reset_counts(self):
         self.replayed_rows = self.routed_rows = 0
@@ -184,15 +202,16 @@ class RoutingReplay(_RouterHooks):
     def _trace_rows(self, position: int, device) -> torch.Tensor:
         """(rows, k) the trace's experts for this call's rows of sparse layer `position`."""
         trace, calls = self._trace, self.positions
-        if calls.batch != trace.batch_size:
+        first = calls.first_row if self.chunks else 0
+        if (first + calls.batch > trace.batch_size) or (not self.chunks and calls.batch != trace.batch_size):
             raise RoutingTraceMismatch(f"the routing trace holds {trace.batch_size} sequences, the forward "
-                                       f"{calls.batch}")
+                                       f"{'reaches sequence ' if self.chunks else ''}{first + calls.batch}")
         if calls.start + calls.seq > trace.length:
             raise RoutingTraceMismatch(f"the routing trace covers {trace.length} positions, the forward reaches "
                                        f"position {calls.start + calls.seq}")
         if self._device_experts is None or self._device_experts.device != torch.device(device):
             self._device_experts = trace.experts.to(device)
-        rows = self._device_experts[:, position, calls.start:calls.start + calls.seq]
+        rows = self._device_experts[first:first + calls.batch, position, calls.start:calls.start + calls.seq]
         return rows.reshape(-1, trace.top_k)
 
     def _router_hook(self, position, layer):
