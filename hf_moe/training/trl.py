@@ -121,18 +121,23 @@ class _ModelAuxLossMixin:
         logged = {"z_loss": router.z_loss, "aux_loss": router.aux_loss}
         if router.sequence_aux_loss is not None and logits:
             logged["sequence_aux_loss"] = router.sequence_aux_loss
-        weight = 1.0
-        if self.aux_weighted_by_token_share and "labels" in inputs:
-            weight = share_of_accumulated_batch(inputs["labels"], num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                weight = weight * self.accelerator.num_processes  # as TRL scales its LM loss (DDP averages)
-        loss = loss + router.weighted.to(loss.device) * weight
+        loss = loss + router.weighted.to(loss.device) * self._router_terms_weight(inputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         for key, value in logged.items():
             if value is None:  # expert choice: no load-balancing loss
                 continue
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
+
+
+    def _router_terms_weight(self, inputs, num_items_in_batch):
+        """The weight of this micro-batch's router terms in the step's loss, as the trainer weighs its own loss."""
+        if not (self.aux_weighted_by_token_share and "labels" in inputs):
+            return 1.0
+        weight = share_of_accumulated_batch(inputs["labels"], num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            weight = weight * self.accelerator.num_processes  # as TRL scales its LM loss (DDP averages)
+        return weight
 
 
 class MoeSFTTrainer(_ModelAuxLossMixin, SFTTrainer):
