@@ -6,7 +6,8 @@
 
 from .hooks import ExpertChoiceNotReplayable, RoutingRecorder, RoutingReplay, record_routing, replay_routing
 from .trace import NOT_RECORDED, RoutingMismatch, RoutingTrace, RoutingTraceMismatch, routing_mismatch
+from .vllm import trace_from_vllm, trace_to_vllm
 
 __all__ = ["record_routing", "replay_routing", "RoutingRecorder", "RoutingReplay", "RoutingTrace",
            "RoutingTraceMismatch", "RoutingMismatch", "routing_mismatch", "ExpertChoiceNotReplayable",
-           "NOT_RECORDED"]
+           "NOT_RECORDED", "trace_from_vllm", "trace_to_vllm"]
