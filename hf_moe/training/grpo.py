@@ -54,8 +54,8 @@ class MoeGRPOConfig(GRPOConfig):
                 "policy forward's experts in later steps on the batch (R2) | none"})
 
     def __post_init__(self):
-        super().__post_init__()
         self.routing_replay = _replay_mode(self.routing_replay)
+        super().__post_init__()
 
 
 class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):

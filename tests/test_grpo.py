@@ -1,0 +1,188 @@
+"""`MoeGRPOTrainer` under TRL 1.16: routing replay in real GRPO steps.
+
+The routers' outputs are read by the test's own forward hooks (registered after the trainer's, so they see what the
+experts received) in the loss forwards, and compared, row by row of the shuffled micro-batch, with the routing the
+batch was generated / first scored with: R3 routes every recorded completion token as the rollout, R2 as the first
+policy forward; without replay the policy's step between two iterations changes the routing, and the logged
+mismatch says so. Refusals, hf_moe's own loss terms, and a model trained with replay saving, loading and exporting.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from hf_moe.export import export
+from hf_moe.moe_layers import find_moe_layers
+from hf_moe.routing import ExpertChoiceNotReplayable
+from hf_moe.training.grpo import MoeGRPOConfig, MoeGRPOTrainer
+
+from .conftest import byte_tokenizer, tiny_config
+from .test_builtin_moe import FAMILIES
+from .test_moe_layers import _randomise_routers
+
+PROMPTS = ["the cat", "a dog sat on", "experts", "hi there"]
+
+
+def _reward(completions, **kwargs):
+    return [float(completion.count("a")) for completion in completions]
+
+
+def _model(family, tokenizer):
+    if family.startswith("hf_"):
+        config = tiny_config(family, vocab_size=len(tokenizer), num_hidden_layers=2, router_jitter_noise=0.0)
+    else:
+        config = FAMILIES[family]()
+        config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    _randomise_routers(model)
+    return model
+
+
+def _trainer(tmp_path, family="hf_moe", routing_replay=None, num_iterations=2, max_steps=2, **overrides):
+    tokenizer = byte_tokenizer()
+    args = MoeGRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=max_steps, per_device_train_batch_size=4,
+                         num_generations=4, max_completion_length=8, num_iterations=num_iterations,
+                         learning_rate=5e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                         bf16=False,
+                         routing_replay=routing_replay, **overrides)
+    return MoeGRPOTrainer(model=_model(family, tokenizer), reward_funcs=_reward, args=args,
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}), processing_class=tokenizer)
+
+
+class _LossForwardRouting:
+    """The experts each router sent each row to in the forwards that train (grad enabled), and the batches the
+    trainer generated and scored (its `_generate_and_score_completions` outputs)."""
+
+    def __init__(self, trainer):
+        self.layers = find_moe_layers(trainer.model)
+        self.forwards, self.batches, self._current = [], [], None
+        stack = trainer.model.get_submodule(self.layers[0].router_name.split(".layers.")[0])
+        stack.register_forward_pre_hook(self._start, with_kwargs=True)
+        for position, layer in enumerate(self.layers):
+            layer.router.register_forward_hook(lambda module, args, output, position=position:
+                                               self._routed(position, output))
+        generate_and_score = trainer._generate_and_score_completions
+
+        def spy(inputs):
+            output = generate_and_score(inputs)
+            self.batches.append({key: value.clone() for key, value in output.items()
+                                 if isinstance(value, torch.Tensor)})
+            return output
+
+        trainer._generate_and_score_completions = spy
+
+    def _start(self, module, args, kwargs):
+        self._current = None
+        if torch.is_grad_enabled():
+            self._current = {"input_ids": kwargs["input_ids"].clone(), "experts": {}}
+            self.forwards.append(self._current)
+
+    def _routed(self, position, output):
+        if self._current is not None and position not in self._current["experts"]:
+            batch, length = self._current["input_ids"].shape
+            self._current["experts"][position] = output[2].reshape(batch, length, -1).sort(-1).values
+
+    def compare(self, source_key: str):
+        """Per loss forward: (completion tokens the source recorded, tokens routed as the source in every layer)."""
+        results = []
+        for forward in self.forwards:
+            batch = next(b for b in self.batches if any(
+                torch.equal(torch.cat([b["prompt_ids"], b["completion_ids"]], 1)[0], row)
+                for row in forward["input_ids"]))
+            sequences = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+            prompt_length = batch["prompt_ids"].shape[1]
+            recorded = same = 0
+            for row, ids in enumerate(forward["input_ids"]):
+                source_row = next(index for index in range(len(sequences)) if torch.equal(sequences[index], ids))
+                source = batch[source_key][source_row].long()  # (layers, seq, rows per token, k)
+                completion = batch["completion_mask"][source_row].bool()
+                for offset in torch.nonzero(completion).flatten().tolist():
+                    position = prompt_length + offset
+                    if (source[:, position] < 0).any():
+                        continue  # the last generated token: no rollout forward routed it
+                    recorded += 1
+                    same += all(torch.equal(forward["experts"][layer][row, position],
+                                            source[layer, position].reshape(-1).sort().values)
+                                for layer in range(len(self.layers)))
+            results.append((recorded, same))
+        return results
+
+
+@pytest.mark.parametrize("family", ["hf_moe", "deepseek_v3"])
+def test_rollout_replay_routes_every_loss_forward_as_the_rollout(family, tmp_path):
+    trainer = _trainer(tmp_path, family, routing_replay="rollout")
+    spy = _LossForwardRouting(trainer)
+    trainer.train()
+    results = spy.compare("rollout_routing")
+    assert len(results) == 2  # one batch, optimised twice (num_iterations=2): one step each
+    assert all(recorded > 0 and same == recorded for recorded, same in results), results
+    logged = [entry for entry in trainer.state.log_history if "moe/routing_mismatch" in entry]
+    assert [entry["moe/routing_mismatch"] for entry in logged] == [0.0, 0.0]
+    assert all(entry["moe/replayed_tokens"] > 0.8 for entry in logged)
+
+
+def test_without_replay_the_second_iteration_routes_otherwise_and_the_mismatch_is_logged(tmp_path):
+    trainer = _trainer(tmp_path, "hf_moe", routing_replay=None)
+    spy = _LossForwardRouting(trainer)
+    trainer.train()
+    results = spy.compare("rollout_routing")
+    first_iteration, second_iteration = results[0], results[1]
+    assert first_iteration[0] == first_iteration[1]  # same weights, fp32: the full forward routes as the rollout
+    assert second_iteration[1] < second_iteration[0]  # after a step on the batch: some tokens go elsewhere
+    logged = [entry["moe/routing_mismatch"] for entry in trainer.state.log_history if "moe/routing_mismatch" in entry]
+    assert max(logged) > 0
+    assert not any("moe/replayed_tokens" in entry for entry in trainer.state.log_history)
+
+
+def test_first_step_replay_routes_later_iterations_as_the_first_policy_forward(tmp_path):
+    trainer = _trainer(tmp_path, "hf_moe", routing_replay="first_step")
+    spy = _LossForwardRouting(trainer)
+    trainer.train()
+    assert all("replay_routing" in batch for batch in spy.batches)
+    results = spy.compare("replay_routing")
+    assert all(recorded > 0 and same == recorded for recorded, same in results), results
+
+
+def test_hf_moe_loss_carries_its_router_terms_under_replay(tmp_path):
+    trainer = _trainer(tmp_path, "hf_moe", routing_replay="rollout", max_steps=1, num_iterations=1)
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    assert entry["aux_loss"] > 0 and entry["z_loss"] > 0
+    assert not trainer.model.config.output_router_logits
+
+
+def test_refusals(tmp_path):
+    with pytest.raises(ValueError, match="routing_replay.*'rollout'.*'first_step'"):
+        MoeGRPOConfig(output_dir=str(tmp_path), use_cpu=True, routing_replay="always")
+    tokenizer = byte_tokenizer()
+    expert_choice = AutoModelForCausalLM.from_config(
+        tiny_config("hf_moe", vocab_size=len(tokenizer), router_type="expert_choice"))
+    args = MoeGRPOConfig(output_dir=str(tmp_path / "ec"), max_steps=1, per_device_train_batch_size=4,
+                         num_generations=4, max_completion_length=4, report_to=[], use_cpu=True,
+                         routing_replay="rollout")
+    with pytest.raises(ExpertChoiceNotReplayable, match="expert choice"):
+        MoeGRPOTrainer(model=expert_choice, reward_funcs=_reward, args=args, processing_class=tokenizer,
+                       train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    args.routing_replay = None  # plain GRPO: expert choice trains, nothing recorded
+    trainer = MoeGRPOTrainer(model=expert_choice, reward_funcs=_reward, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+    trainer.train()
+    assert not any("moe/routing_mismatch" in entry for entry in trainer.state.log_history)
+
+
+def test_a_model_trained_with_replay_saves_loads_and_exports(tmp_path):
+    trainer = _trainer(tmp_path, "hf_moe", routing_replay="rollout", max_steps=1, num_iterations=1)
+    trainer.train()
+    folder = tmp_path / "trained"
+    trainer.save_model(str(folder))
+    ids = torch.randint(5, 200, (2, 9))
+    model = trainer.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert (loaded(input_ids=ids).logits - expected).abs().max() < 1e-5
+        exported = AutoModelForCausalLM.from_pretrained(export(str(folder), str(tmp_path / "native"))).eval()
+        assert type(exported).__name__ == "MixtralForCausalLM"
+        assert (exported(input_ids=ids).logits - expected).abs().max() < 1e-4
