@@ -186,3 +186,114 @@ def test_a_model_trained_with_replay_saves_loads_and_exports(tmp_path):
         exported = AutoModelForCausalLM.from_pretrained(export(str(folder), str(tmp_path / "native"))).eval()
         assert type(exported).__name__ == "MixtralForCausalLM"
         assert (exported(input_ids=ids).logits - expected).abs().max() < 1e-4
+
+
+class _StandInVllmEngine:
+    """Plays TRL's colocated vLLM engine (`llm.generate`): another engine that routes otherwise (a copy of the policy
+    with perturbed routers) and returns, per request, vLLM 0.21's split layout: `prompt_routed_experts` int16
+    [prompt, sparse layers, k] and `outputs[0].routed_experts` int16 [generated - 1, sparse layers, k] (the last
+    token is never forwarded), read by this class's own router hooks."""
+
+    def __init__(self, policy, max_new_tokens=6):
+        import copy
+
+        self.model = copy.deepcopy(policy).eval()
+        self.model.__dict__.pop("forward", None)  # the trainer's forward wrapper would call the policy itself
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for layer in find_moe_layers(self.model):
+                layer.router.weight.add_(torch.randn(layer.router.weight.shape, generator=generator))
+        self.max_new_tokens = max_new_tokens
+        self.routed = {}  # prompt + completion tokens -> (sequence positions routed, sparse layers, k)
+
+    def generate(self, prompts, sampling_params=None, use_tqdm=False):
+        import numpy as np
+        from types import SimpleNamespace
+
+        outputs = []
+        for prompt in prompts:
+            calls = []
+            handles = [layer.router.register_forward_hook(
+                lambda module, args, output, position=position: calls.append((position, output[2].clone())))
+                for position, layer in enumerate(find_moe_layers(self.model))]
+            with torch.no_grad():
+                sequence = self.model.generate(torch.tensor([prompt["prompt_token_ids"]]), do_sample=False,
+                                               max_new_tokens=self.max_new_tokens, min_new_tokens=self.max_new_tokens)
+            for handle in handles:
+                handle.remove()
+            layers = len(find_moe_layers(self.model))
+            steps = [torch.stack([index for _, index in calls[start:start + layers]], 1)  # (tokens, layers, k)
+                     for start in range(0, len(calls), layers)]
+            routed = torch.cat(steps).numpy().astype(np.int16)
+            prompt_length = len(prompt["prompt_token_ids"])
+            completion = sequence[0, prompt_length:].tolist()
+            self.routed[tuple(sequence[0].tolist())] = routed
+            outputs.append(SimpleNamespace(
+                prompt_token_ids=prompt["prompt_token_ids"], prompt_routed_experts=routed[:prompt_length],
+                outputs=[SimpleNamespace(token_ids=completion, routed_experts=routed[prompt_length:],
+                                         logprobs=[{token: SimpleNamespace(logprob=0.0)} for token in completion])]))
+        return outputs
+
+
+class _StandInVllmGeneration:
+    """TRL's `VLLMGeneration` around the stand-in engine: `generate` returns what TRL's does."""
+
+    def __init__(self, engine):
+        self.llm = engine
+
+    def sync_weights(self):
+        pass
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts])
+        completions = [output.outputs[0].token_ids for output in outputs]
+        logprobs = [[[0.0] for _ in completion] for completion in completions]
+        return prompts, completions, logprobs, [[[token] for token in completion] for completion in completions]
+
+
+def test_rollout_replay_of_vllm_rollouts_routes_the_loss_forward_as_the_engine_did(tmp_path):
+    """The colocated-vLLM path, with a stand-in engine returning vLLM's documented payload (vLLM itself needs a
+    GPU): the routing the engine reports is ingested, laid out as TRL lays out the batch, and replayed."""
+    trainer = _trainer(tmp_path, "hf_moe", routing_replay="rollout", num_iterations=1, max_steps=1)
+    engine = _StandInVllmEngine(trainer.model)
+    trainer.use_vllm, trainer.vllm_mode, trainer._last_loaded_step = True, "colocate", -1
+    trainer.vllm_importance_sampling_correction = False
+    trainer.vllm_generation = _StandInVllmGeneration(engine)
+    trainer.keep_vllm_outputs()
+    forwards = []
+    stack = trainer.model.get_submodule("model")
+    stack.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
+        {"input_ids": kwargs["input_ids"], "mask": kwargs["attention_mask"], "experts": []})
+        if torch.is_grad_enabled() else None, with_kwargs=True)
+    for layer in find_moe_layers(trainer.model):
+        layer.router.register_forward_hook(lambda module, args, output: forwards[-1]["experts"].append(output[2])
+                                           if torch.is_grad_enabled() else None)
+    trainer.train()
+    (forward,) = forwards
+    batch, length = forward["input_ids"].shape
+    checked = differs_from_policy = 0
+    for row in range(batch):
+        real = torch.nonzero(forward["mask"][row]).flatten()
+        routed = torch.from_numpy(engine.routed[tuple(forward["input_ids"][row, real].tolist())]).long()
+        for token, position in enumerate(real[:-1].tolist()):  # the last token: never forwarded by the engine
+            # (GRPO checkpoints activations: the backward's recomputation routes again, after these)
+            for layer, experts in enumerate(forward["experts"][:len(find_moe_layers(trainer.model))]):
+                used = experts.reshape(batch, length, -1)[row, position].sort().values
+                assert torch.equal(used, routed[token, layer].sort().values), (row, position, layer)
+                checked += 1
+    assert checked > 0
+    layers = len(find_moe_layers(trainer.model))  # the backward's recomputation replayed the same experts
+    assert len(forward["experts"]) == 2 * layers
+    assert all(torch.equal(first, again) for first, again in zip(forward["experts"][:layers],
+                                                                 forward["experts"][layers:], strict=True))
+    with torch.no_grad():  # the engine's choices are not the policy's: the replay is what made them equal
+        from hf_moe.routing import record_routing
+
+        with record_routing(trainer.model) as recorder:
+            trainer.model(input_ids=forward["input_ids"], attention_mask=forward["mask"])
+    for row in range(batch):
+        real = torch.nonzero(forward["mask"][row]).flatten()
+        routed = torch.from_numpy(engine.routed[tuple(forward["input_ids"][row, real].tolist())]).long()
+        own = recorder.trace.experts[row, :, real[:-1], 0].sort(-1).values  # (layers, tokens, k)
+        differs_from_policy += int((own != routed.transpose(0, 1).sort(-1).values).any(-1).any(0).sum())
+    assert differs_from_policy > 0

@@ -23,14 +23,14 @@ used (`hf_moe.routing.vllm`). TRL's continuous batching, vLLM server mode and to
 sample) are refused with routing replay on.
 """
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..moe_layers import model_type
-from ..routing import RoutingReplay, RoutingTrace, record_routing, routing_mismatch
+from ..routing import RoutingReplay, RoutingTrace, record_routing, routing_mismatch, trace_from_vllm
 from ..routing.hooks import sparse_layers
 from .trl import _ModelAuxLossMixin
 
@@ -43,6 +43,27 @@ def _replay_mode(value) -> str | None:
     if value not in (None, *ROUTING_REPLAY_MODES):
         raise ValueError(f"`routing_replay`={value!r} is invalid: choose 'rollout' (R3), 'first_step' (R2) or None")
     return value
+
+
+@contextmanager
+def _vllm_engines_return_routed_experts(enabled: bool):
+    """TRL builds its colocated vLLM engine with fixed arguments; while active, the engine it builds also returns
+    the experts it routed each token to (`enable_return_routed_experts`)."""
+    import trl.generation.vllm_generation as generation
+
+    original = getattr(generation, "LLM", None)
+    if not enabled or original is None:  # without vLLM installed TRL refuses `use_vllm` itself
+        yield
+        return
+
+    def engine(*args, **kwargs):
+        return original(*args, **{**kwargs, "enable_return_routed_experts": True})
+
+    generation.LLM = engine
+    try:
+        yield
+    finally:
+        generation.LLM = original
 
 
 @dataclass
@@ -71,9 +92,12 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
     """
 
     def __init__(self, model, *args, routing_replay=_FROM_ARGS, **kwargs):
-        super().__init__(model, *args, **kwargs)
-        mode = getattr(self.args, "routing_replay", None) if routing_replay is _FROM_ARGS else routing_replay
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        mode = getattr(config, "routing_replay", None) if routing_replay is _FROM_ARGS else routing_replay
         self.routing_replay = _replay_mode(mode)
+        vllm_rollouts = bool(getattr(config, "use_vllm", False)) and getattr(config, "vllm_mode", None) == "colocate"
+        with _vllm_engines_return_routed_experts(vllm_rollouts and self.routing_replay == "rollout"):
+            super().__init__(model, *args, **kwargs)
         self._policy = self.accelerator.unwrap_model(self.model)
         try:
             self._layers = sparse_layers(self._policy)
@@ -90,19 +114,56 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
             if self.use_vllm and self.vllm_mode != "colocate":
                 raise ValueError("routing replay reads the experts vLLM used in colocate mode; the vLLM server's "
                                  "TRL client does not return them (use vllm_mode='colocate')")
+            if self.use_vllm and (self.pad_to_multiple_of is not None or self.vllm_tensor_parallel_size > 1):
+                raise ValueError("routing replay of vLLM rollouts lays prompts out as TRL does without "
+                                 "`pad_to_multiple_of` and with `vllm_tensor_parallel_size=1`")
         self._replay = RoutingReplay(self._policy, chunks=True).attach() if self.routing_replay else None
         self._rollout_trace = None  # the current generation batch's, as recorded
         self._first_step_trace = None
         self._scoring_new_batch = False
+        self._vllm_outputs = None
+        if self.use_vllm and self._layers is not None:
+            self.keep_vllm_outputs()
+
+    def keep_vllm_outputs(self):
+        """Keep what the colocated vLLM engine returns for each rollout (TRL reads only the tokens and log-probs):
+        its `routed_experts` become the rollout's routing trace."""
+        engine = self.vllm_generation.llm
+        generate = engine.generate
+
+        def generate_and_keep(*args, **kwargs):
+            self._vllm_outputs = generate(*args, **kwargs)
+            return self._vllm_outputs
+
+        engine.generate = generate_and_keep
 
     # ------------------------------------------------------------------------------------ rollouts
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
         if self._layers is None:
             return super()._generate_single_turn(prompt_ids, *args, **kwargs)
+        if self.use_vllm:
+            self._vllm_outputs = None
+            result = super()._generate_single_turn(prompt_ids, *args, **kwargs)
+            self._rollout_trace = self._vllm_trace()
+            return result
         with record_routing(self._policy) as recorder:
             result = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         self._rollout_trace = recorder.trace if recorder.traces else None
         return result
+
+    def _vllm_trace(self) -> RoutingTrace | None:
+        """The rollout's routing from the engine's outputs, laid out as TRL lays out the batch (None when the engine
+        returned none: an engine built without `enable_return_routed_experts`)."""
+        outputs = self._vllm_outputs or []
+        routed = any(getattr(output, "prompt_routed_experts", None) is not None
+                     or any(getattr(choice, "routed_experts", None) is not None for choice in output.outputs)
+                     for output in outputs)
+        if not routed:
+            if self.routing_replay == "rollout":
+                raise RuntimeError("the vLLM engine returned no routed experts: build it with "
+                                   "enable_return_routed_experts=True to replay its routing")
+            return None
+        return trace_from_vllm(outputs, model=self._policy)
 
     def _generate_and_score_completions(self, inputs):
         self._rollout_trace = self._first_step_trace = None
