@@ -282,10 +282,10 @@ def test_rollout_replay_of_vllm_rollouts_routes_the_loss_forward_as_the_engine_d
                 assert torch.equal(used, routed[token, layer].sort().values), (row, position, layer)
                 checked += 1
     assert checked > 0
-    layers = len(find_moe_layers(trainer.model))  # the backward's recomputation replayed the same experts
+    layers = len(find_moe_layers(trainer.model))  # the backward's recomputation (last layer first) replayed too
     assert len(forward["experts"]) == 2 * layers
     assert all(torch.equal(first, again) for first, again in zip(forward["experts"][:layers],
-                                                                 forward["experts"][layers:], strict=True))
+                                                                 forward["experts"][layers:][::-1], strict=True))
     with torch.no_grad():  # the engine's choices are not the policy's: the replay is what made them equal
         from hf_moe.routing import record_routing
 
