@@ -45,6 +45,23 @@ def _decoder_stack(model: nn.Module, layers: list[MoeLayer]) -> nn.Module:
     return model.get_submodule(name.split(".layers.")[0]) if ".layers." in name else model
 
 
+def _padding_mask(mask, batch: int, end: int) -> torch.Tensor | None:
+    """(batch, positions) the real tokens up to position `end`, from the mask the decoder stack got: a 2-D padding
+    mask as it is; the 4-D mask `(batch, 1, queries, keys)` that `generate` prepares for a static cache (alone or in
+    a dict by attention type), whose keys are absolute positions: the keys the call's last query may attend to
+    (boolean: True allows; additive: 0 allows). None when there is none (every token is real)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next(iter(mask.values()), None))
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2:
+        return mask
+    if mask.dim() != 4 or mask.shape[-1] < end:
+        return None
+    allowed = mask[:, 0, -1, :end]
+    return (allowed if allowed.dtype == torch.bool else allowed == 0).expand(batch, end)
+
+
 class _Positions:
     """The token positions of the decoder stack's current call: batch, seq, first position, attention mask; and
     `first_row`, where the call's sequences start in a batch that consecutive calls walk through (a caller scoring a
@@ -66,8 +83,7 @@ class _Positions:
         if self.start == 0 and self.calls:
             self.first_row += previous_batch
         self.calls += 1
-        mask = kwargs.get("attention_mask")
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.attention_mask = _padding_mask(kwargs.get("attention_mask"), self.batch, self.start + self.seq)
 
     def restart(self):
         """The next call starts at the first sequence again."""
@@ -115,7 +131,31 @@ class RoutingRecorder(_RouterHooks):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self._batches = []  # per batch: {"calls": [(start, seq, {layer position: (batch, seq, r, k)})], "mask"}
+        self._batches = []  # per batch: {"calls": [(start, seq, {layer position: (batch, seq, r, k)})], "mask",
+        # "length": the final sequences' length when a `generate` made them}
+
+    def attach(self):
+        """Also note the length of what `model.generate` returns: its last token was never fed to a forward, and the
+        trace covers it (NOT_RECORDED) so that it fits the final sequences."""
+        super().attach()
+        generate = getattr(self.model, "generate", None)
+        if callable(generate) and "generate" not in vars(self.model):
+            def generate_and_note_length(*args, **kwargs):
+                output = generate(*args, **kwargs)
+                sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+                if isinstance(sequences, torch.Tensor) and self._batches:
+                    self._batches[-1]["length"] = sequences.shape[-1]
+                return output
+
+            self.model.generate = generate_and_note_length
+            self._wrapped_generate = True
+        return self
+
+    def detach(self):
+        super().detach()
+        if getattr(self, "_wrapped_generate", False):
+            del self.model.generate
+            self._wrapped_generate = False
 
     def _router_hook(self, position, layer):
         def record(router, args, kwargs, output):
@@ -147,17 +187,17 @@ class RoutingRecorder(_RouterHooks):
 
     def _trace(self, batch) -> RoutingTrace:
         calls = batch["calls"]
-        length = max(start + seq for start, seq, _ in calls)
+        length = max([start + seq for start, seq, _ in calls] + [batch.get("length", 0)])
         first = calls[0][2][0]
         experts = torch.full((first.shape[0], len(self.layers), length, *first.shape[2:]), NOT_RECORDED)
         for start, seq, per_layer in calls:
             for position, index in per_layer.items():
                 experts[:, position, start:start + seq] = index.to("cpu", torch.long)
+        attention_mask = torch.ones(experts.shape[0], length, dtype=torch.bool)
         mask = batch["mask"]
-        if mask is not None and mask.shape[1] >= length:
-            attention_mask = mask[:, :length].bool().cpu()
-        else:
-            attention_mask = torch.ones(experts.shape[0], length, dtype=torch.bool)
+        if mask is not None:  # the last call's mask; tokens after it (generate's last one) are real
+            covered = min(mask.shape[1], length)
+            attention_mask[:, :covered] = mask[:, :covered].bool().cpu()
         return RoutingTrace(experts, attention_mask, tuple(layer.index for layer in self.layers),
                             self.layers[0].num_experts, model_type(self.model))
 
