@@ -352,6 +352,36 @@ def test_a_v4_per_expert_adapter_fuses_at_rank_2r_and_comes_back_unchanged(built
     assert tensors_equal(v4, back.path)
 
 
+def test_per_expert_of_a_fused_adapter_with_its_own_expert_rank_and_scalings(tmp_path):
+    """gate_up at rank 4 (a rank pattern), down at rank 2: per expert everything is written at rank 4 (down
+    zero-padded) with `r` and `lora_alpha` rewritten and attention pinned to its own rank and alpha by exact-name
+    patterns; peft loads it with the adapted logits. A down_proj scaling of its own can only be folded into B:
+    refused unless `allow_approximate`."""
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(FAMILIES["qwen3_moe"]()).save_pretrained(tmp_path / "base")
+    for name, alpha_pattern in (("ranked", {"gate_up_proj": 12}), ("scaled", {"gate_up_proj": 12, "down_proj": 5})):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        config = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], target_parameters=EXPERT_TARGETS,
+                            rank_pattern={"gate_up_proj": 4}, alpha_pattern=alpha_pattern, init_lora_weights=False)
+        adapted = get_peft_model(model, config)
+        adapted.save_pretrained(tmp_path / name)
+        expected = logits(adapted)
+        options = {}
+        if name == "scaled":
+            with pytest.raises(ValueError) as refusal:
+                export_adapter(tmp_path / name, tmp_path / f"{name}-per-expert", "per-expert")
+            assert_one_line_refusal(refusal, "down: scaling 2.5 folded into lora_B", "allow_approximate=True")
+            assert nothing_written(tmp_path / f"{name}-per-expert")
+            options = {"allow_approximate": True}
+        exported = export_adapter(tmp_path / name, tmp_path / f"{name}-per-expert", "per-expert", **options)
+        assert exported.ranks == {"gate": 4, "up": 4, "down": 4}
+        written = config_of(exported.path)
+        assert (written["r"], written["lora_alpha"]) == (4, 12)
+        assert rank_and_alpha(written, "model.layers.1.self_attn.q_proj") == (2, 6)
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(exported.path))
+        assert (logits(loaded) - expected).abs().max() <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------------ QLoRA
 def test_a_qlora_adapter_on_4bit_experts_exports_its_delta(tmp_path):
     """hf_moe's QLoRA (`attach_moe_lora` on 4-bit experts): peft nests the wrappers the other way round (down_proj
@@ -419,6 +449,10 @@ def test_refusals_and_bad_input_are_one_line_and_write_nothing(built, tmp_path):
     (empty / "adapter_config.json").write_text((source.adapter / "adapter_config.json").read_text())
     refused(empty, "no adapter_model.safetensors")
     refused(tmp_path / "nowhere", "no such adapter folder")
+    (empty / "adapter_config.json").write_text(json.dumps({**config_of(source.adapter),
+                                                           "base_model_name_or_path": "someone/some-moe"}))
+    save_file(load_file(str(source.adapter / "adapter_model.safetensors")), str(empty / "adapter_model.safetensors"))
+    refused(empty, "pass `base`", "'someone/some-moe' is not a local folder")
 
     # rank mismatch: B with a column short; the config's rank against the tensors'
     tensors = load_file(str(source.adapter / "adapter_model.safetensors"))

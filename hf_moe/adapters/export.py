@@ -138,7 +138,9 @@ def run_adapter_export(args: AdapterExportArguments) -> ExportedAdapter:
 
 def _write_adapter(output_dir: Path, tensors: dict, config: dict, source: Path, overwrite: bool) -> Path:
     with atomic_output_dir(output_dir, overwrite=overwrite) as staging:
-        save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(staging / ADAPTER_WEIGHTS),
+        # Per-expert tensors are views (gate and up of a fused adapter even share one A): safetensors wants each
+        # tensor in its own memory.
+        save_file({key: tensor.clone() for key, tensor in tensors.items()}, str(staging / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for name in COPIED_FILES:

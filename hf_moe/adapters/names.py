@@ -97,7 +97,8 @@ def family_for(config) -> ExpertFamily:
         target = choose_target(config, "auto", f"the {model_type} base")
     except ExportRefusedError as refusal:
         return ExpertFamily(model_type, per_expert_refusal=(
-            f"the per-expert form names the experts of the native export of the base, and {one_line(refusal)}"))
+            "the per-expert form names the experts of the native export of the base, and "
+            + one_line(refusal).removesuffix("Nothing was written.").rstrip()))
     return ExpertFamily(model_type, target.sparse_block, target.expert_projections)
 
 
