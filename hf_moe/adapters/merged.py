@@ -7,6 +7,7 @@ and interleaved), per-expert experts (what transformers 5.x saves for Mixtral, Q
 hf_moe output (sharded safetensors, atomic; for hf_moe types the remote code and an hf_moe card).
 """
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,17 +37,18 @@ def _other_deltas(adapter: ExpertAdapter) -> dict[str, torch.Tensor]:
         pairs.setdefault(match["module"].removeprefix(PEFT_PREFIX), {})[match["factor"]] = tensor
     parameters = config.get("target_parameters") or []
     deltas = {}
-    for module, factors in pairs.items():
+    for module, factors in sorted(pairs.items()):
         if set(factors) != {"A", "B"}:
             raise ValueError(f"{module}: a LoRA factor without its partner")
-        # A LoRA on a bare parameter (a router's `weight`) is named after its module, like a module's.
-        parameter = next((name for name in parameters if name == f"{module}.weight" or
-                          f"{module}.weight".endswith(f".{name}")), None)
-        rank, scaling = target_scaling(config, parameter if parameter and "." in parameter else module)
+        # A LoRA on a bare parameter (a router's `weight`) is saved under its module's name; peft's patterns see
+        # the parameter's.
+        weight = f"{module}.weight"
+        is_parameter = any(weight == name or weight.endswith(f".{name}") for name in parameters)
+        rank, scaling = target_scaling(config, weight if is_parameter else module)
         a, b = factors["A"], factors["B"]
         if a.shape[0] != rank:
             raise ValueError(f"{module}: rank {a.shape[0]}, but adapter_config.json gives rank {rank} (rank mismatch)")
-        deltas[f"{module}.weight"] = scaling * (b.float() @ a.float())
+        deltas[weight] = scaling * (b.float() @ a.float())
     return deltas
 
 
@@ -56,11 +58,12 @@ def _expert_deltas(adapter: ExpertAdapter) -> dict[int, dict[str, torch.Tensor]]
             for index, projections in adapter.experts.items()}
 
 
-def merged_tensors(adapter: ExpertAdapter, applied: set) -> Iterator[tuple[str, torch.Tensor]]:
-    """The base's tensors with the deltas added; `applied` collects what each delta landed on."""
+def merged_tensors(adapter: ExpertAdapter, others: dict[str, torch.Tensor], applied: set
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The base's tensors with the deltas added (`others`: the non-expert deltas by weight name); `applied` collects
+    what each delta landed on."""
     family = adapter.base.family
     experts = _expert_deltas(adapter)
-    others = _other_deltas(adapter)
     for name, tensor in stream_tensors(adapter.base.folder.weight_files):
         delta = None
         if name in others:
@@ -92,21 +95,22 @@ def merged_tensors(adapter: ExpertAdapter, applied: set) -> Iterator[tuple[str, 
         yield name, tensor
 
 
-def expected_targets(adapter: ExpertAdapter) -> set:
+def expected_targets(adapter: ExpertAdapter, others: dict[str, torch.Tensor]) -> set:
     """Everything a merge must land on: each expert's projection, each other module's weight."""
     targets = {(index, projection, expert) for index, projections in adapter.experts.items()
                for projection in projections for expert in range(adapter.base.layers[index].num_experts)}
-    return targets | set(_other_deltas(adapter))
+    return targets | set(others)
 
 
 def write_merged(adapter: ExpertAdapter, output_dir: Path, overwrite: bool, max_shard_size: str | int
                  ) -> Path:
     """Write the merged model folder; a delta the base has no tensor for raises and leaves nothing behind."""
-    import copy
-
     base = adapter.base
+    if getattr(base.config, "quantization_config", None):
+        raise ValueError(f"the base {base.folder.source} is stored quantised: merge into a full-precision copy of it")
     config = copy.deepcopy(base.config)
-    expected = expected_targets(adapter)
+    others = _other_deltas(adapter)  # refuses what cannot be merged before anything is written
+    expected = expected_targets(adapter, others)
     applied: set = set()
 
     def finish(staging: Path, model) -> None:
@@ -117,7 +121,7 @@ def write_merged(adapter: ExpertAdapter, output_dir: Path, overwrite: bool, max_
         if config.model_type in HF_MOE_MODEL_TYPES:
             _write_card(staging, output_dir.name, config, model, adapter)
 
-    return write_model_folder(output_dir, merged_tensors(adapter, applied), config,
+    return write_model_folder(output_dir, merged_tensors(adapter, others, applied), config,
                               source_name=str(base.folder.source), overwrite=overwrite, max_shard_size=max_shard_size,
                               check_names=False, tokenizer_folder=base.path, finish=finish)
 
