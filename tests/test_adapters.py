@@ -432,7 +432,8 @@ def test_refusals_and_bad_input_are_one_line_and_write_nothing(built, tmp_path):
 
     # wrong base: another expert count, another hidden size, another family's layers
     torch.manual_seed(0)
-    for name, overrides in {"eight_experts": dict(num_experts=8), "wider": dict(hidden_size=48)}.items():
+    for name, overrides in {"eight_experts": dict(num_experts=8), "wider": dict(hidden_size=48),
+                            "one_layer": dict(num_hidden_layers=1)}.items():
         config = FAMILIES["qwen3_moe"]()
         for field, value in overrides.items():
             setattr(config, field, value)
@@ -440,6 +441,8 @@ def test_refusals_and_bad_input_are_one_line_and_write_nothing(built, tmp_path):
     refused(source.adapter, "rank 1", "rank mismatch, or a base with another expert count",
             base=tmp_path / "eight_experts")
     refused(source.adapter, "fit neither gate_up_proj", "H=48", base=tmp_path / "wider")
+    refused(source.adapter, "has no experts module model.layers.1.mlp.experts", "sparse layers: [0]",
+            base=tmp_path / "one_layer")
     refused(source.adapter, "fit neither", "wrong base", layout="merged", base=built["hf_mh_moe"].base)
 
     # missing files
