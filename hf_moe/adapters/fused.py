@@ -17,7 +17,7 @@ import torch
 from .base import BaseModel, SparseLayer
 from .canonical import ExpertAdapter, ExpertFactors, shares_a
 from .names import FUSED_KEY, FUSED_PARAMETERS, PEFT_PREFIX, PER_EXPERT_PROJECTIONS, fused_key
-from .peft_config import alpha_for, target_scaling
+from .peft_config import alpha_for, is_expert_target, target_scaling
 
 B_LAYOUTS = ("rank_major", "grouped_by_expert")
 
@@ -152,13 +152,13 @@ def fused_config(adapter: ExpertAdapter, fused: dict[tuple[int, str], ExpertFact
     expert patterns removed."""
     config = dict(base_config)
     rslora = bool(config.get("use_rslora"))
-    other_modules = {key.rsplit(".lora_", 1)[0] for key in adapter.other_tensors}
+    other_modules = set(adapter.other_lora_modules())
     target_modules = config.get("target_modules")
     if isinstance(target_modules, list | tuple | set):
         target_modules = sorted(name for name in target_modules if not _drops_per_expert_name(name, other_modules))
     config["target_modules"] = target_modules
     expert_targets = {f"{adapter.base.layers[index].experts_name}.{parameter}" for index, parameter in fused}
-    kept = [name for name in config.get("target_parameters") or [] if not _is_fused_expert_parameter(name)]
+    kept = [name for name in config.get("target_parameters") or [] if not is_expert_target(name)]
     config["target_parameters"] = sorted({*kept, *expert_targets})
     for parameter in FUSED_PARAMETERS:
         entries = {index: factors for (index, name), factors in fused.items() if name == parameter}
@@ -185,11 +185,6 @@ def fused_config(adapter: ExpertAdapter, fused: dict[tuple[int, str], ExpertFact
             config.setdefault("alpha_pattern", {})[key] = alpha
     config["lora_B_layout"] = "rank_major"
     return config
-
-
-def _is_fused_expert_parameter(name: str) -> bool:
-    parts = name.split(".")
-    return (parts[-1] in FUSED_PARAMETERS and "experts" in parts[:-1]) or name in FUSED_PARAMETERS
 
 
 def _drops_per_expert_name(name: str, other_modules: set[str]) -> bool:

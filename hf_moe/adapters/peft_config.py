@@ -54,7 +54,8 @@ def alpha_for(scaling: float, rank: int, rslora: bool) -> tuple[float, bool]:
 def is_expert_target(name: str) -> bool:
     """A target_modules / target_parameters entry that names the routed experts (fused or per expert)."""
     last = name.rpartition(".")[2]
-    return (last in FUSED_PARAMETERS and "experts" in name.split(".")[:-1]) or last in PER_EXPERT_PROJECTIONS
+    return (last in FUSED_PARAMETERS and ("experts" in name.split(".")[:-1] or name == last)
+            or last in PER_EXPERT_PROJECTIONS)
 
 
 def without_expert_patterns(config: dict, expert_names: list[str], other_names: list[str]) -> dict:
