@@ -78,9 +78,6 @@ class ExpertAdapter:
     experts: dict[int, dict[str, ExpertFactors]] = field(default_factory=dict)
     other_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # saved keys -> tensors
 
-    def projections(self, layer: int) -> dict[str, ExpertFactors]:
-        return self.experts.get(layer, {})
-
     def ranks(self) -> dict[str, int]:
         """The largest per-expert rank of each canonical projection."""
         return {projection: max(factors[projection].rank for factors in self.experts.values()
