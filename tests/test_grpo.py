@@ -297,3 +297,66 @@ def test_rollout_replay_of_vllm_rollouts_routes_the_loss_forward_as_the_engine_d
         own = recorder.trace.experts[row, :, real[:-1], 0].sort(-1).values  # (layers, tokens, k)
         differs_from_policy += int((own != routed.transpose(0, 1).sort(-1).values).any(-1).any(0).sum())
     assert differs_from_policy > 0
+
+
+def test_rollout_replay_routes_the_reference_model_too_so_the_first_kl_is_zero(tmp_path):
+    """With `beta` > 0 TRL scores a separate reference model; under R3 it routes as the rollout, as the policy does,
+    so that the KL term measures the policies and not routing noise (bf16 autocast: the rollout's cached steps and
+    the full forwards round differently)."""
+    tokenizer = byte_tokenizer()
+    folder = tmp_path / "policy"
+    _model("hf_moe", tokenizer).save_pretrained(folder)
+    args = MoeGRPOConfig(output_dir=str(tmp_path / "grpo"), max_steps=1, per_device_train_batch_size=8,
+                         num_generations=4, max_completion_length=12, num_iterations=1, beta=0.04,
+                         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                         routing_replay="rollout")  # bf16 (GRPOConfig's default)
+    trainer = MoeGRPOTrainer(model=str(folder), reward_funcs=_reward, args=args, processing_class=tokenizer,
+                             train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}))
+    assert trainer.ref_model is not None
+    spy = _LossForwardRouting(trainer)
+    reference = []
+    for position, layer in enumerate(find_moe_layers(trainer.ref_model)):
+        layer.router.register_forward_hook(lambda module, args, output, position=position: reference.append(
+            (position, output[2])))
+    trainer.train()
+    batch = spy.batches[0]
+    sequences = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    rollout = batch["rollout_routing"].long()  # (batch, layers, seq, 1, k)
+    routed = {position: index for position, index in reference}  # one call per layer: TRL's batch in one chunk
+    prompt_length, compared = batch["prompt_ids"].shape[1], 0
+    for layer, index in routed.items():
+        index = index.reshape(*sequences.shape, -1).sort(-1).values
+        for row in range(sequences.shape[0]):
+            for position in range(prompt_length, sequences.shape[1]):
+                traced = rollout[row, layer, position, 0]
+                if batch["completion_mask"][row, position - prompt_length] and (traced >= 0).all():
+                    assert torch.equal(index[row, position], traced.sort().values)
+                    compared += 1
+    assert compared > 0
+    (logged,) = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logged["kl"] == 0.0
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_first_step_records_the_policys_old_log_probs_never_peft_s_reference(beta, tmp_path):
+    """With a peft policy TRL scores the reference as the policy with its adapters off. R2 records the old-log-prob
+    forward only (TRL scores it when the batch is optimised more than once): with a single pass nothing is recorded
+    and nothing replayed, whatever `beta`; with two passes the later one replays the first."""
+    from peft import LoraConfig
+
+    replayed = {}
+    for passes in (1, 2):
+        tokenizer = byte_tokenizer()
+        args = MoeGRPOConfig(output_dir=str(tmp_path / f"grpo{passes}"), max_steps=passes,
+                             per_device_train_batch_size=4, num_generations=4, max_completion_length=8,
+                             num_iterations=passes, beta=beta, learning_rate=1e-2, logging_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=False,
+                             routing_replay="first_step")
+        trainer = MoeGRPOTrainer(model=_model("hf_moe", tokenizer), reward_funcs=_reward, args=args,
+                                 processing_class=tokenizer, train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+                                 peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        trainer.train()
+        replayed[passes] = [entry["moe/replayed_tokens"] for entry in trainer.state.log_history
+                            if "moe/replayed_tokens" in entry]
+    assert replayed[1] == [0.0]
+    assert replayed[2] == [1.0, 1.0]

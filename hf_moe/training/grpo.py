@@ -118,6 +118,9 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
                 raise ValueError("routing replay of vLLM rollouts lays prompts out as TRL does without "
                                  "`pad_to_multiple_of` and with `vllm_tensor_parallel_size=1`")
         self._replay = RoutingReplay(self._policy, chunks=True).attach() if self.routing_replay else None
+        self._ref_replay = None
+        if self.routing_replay and self.ref_model is not None:  # a separate reference model (not peft's)
+            self._ref_replay = RoutingReplay(self.accelerator.unwrap_model(self.ref_model), chunks=True).attach()
         self._rollout_trace = None  # the current generation batch's, as recorded
         self._first_step_trace = None
         self._scoring_new_batch = False
@@ -183,25 +186,38 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
     def _replay_source(self) -> RoutingTrace | None:
         return {"rollout": self._rollout_trace, "first_step": self._first_step_trace}.get(self.routing_replay)
 
+    def _old_log_probs_scored(self) -> bool:
+        """Whether TRL scores each new batch's old log-probs with the policy (before its reference log-probs), as
+        `_generate_and_score_completions` decides: the batch is optimised more than once, or vLLM's importance
+        sampling correction needs them."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        return (self.args.gradient_accumulation_steps % generate_every != 0
+                or (self.use_vllm and self.vllm_importance_sampling_correction))
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
-        """While a new batch is scored (TRL's old and reference log-probs, before any step on it): R3 replays the
-        rollout in the policy's forwards; R2 records the policy's first one."""
-        policy_scoring = self._scoring_new_batch and model is self.model and self.routing_replay
-        if policy_scoring and self.routing_replay == "rollout" and self._rollout_trace is not None:
-            self._replay.trace = self._rollout_trace.resized(input_ids.shape[1])
-            try:
-                return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                                  *args, **kwargs)
-            finally:
-                self._replay.trace = None
-        if policy_scoring and self.routing_replay == "first_step" and self._first_step_trace is None:
+        """While a new batch is scored (TRL's old and reference log-probs, before any step on it): the policy's and
+        the reference's forwards replay the batch's trace; R2 first records it, from the policy's old log-probs."""
+        score = super()._get_per_token_logps_and_entropies
+        if not (self._scoring_new_batch and self.routing_replay):
+            return score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        policy = model is self.model
+        if (policy and self.routing_replay == "first_step" and self._first_step_trace is None
+                and self._old_log_probs_scored()):  # the first policy forward on the batch: TRL's old log-probs
             with record_routing(self._policy) as recorder:
-                result = super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask,
-                                                                    logits_to_keep, *args, **kwargs)
+                result = score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
             self._first_step_trace = RoutingTrace.concatenate(recorder.traces)  # one per chunk TRL scored
             return result
-        return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep, *args,
-                                                          **kwargs)
+        replay = self._replay if policy else self._ref_replay if model is self.ref_model else None
+        trace = self._replay_source()
+        if replay is None or trace is None:
+            return score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        # The reference routes as the policy's forwards do (R3: the rollout), so that the KL term measures the
+        # policies, not routing noise (with peft the reference is the policy with its adapters off: `policy`).
+        replay.trace = trace.resized(input_ids.shape[1])
+        try:
+            return score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
+        finally:
+            replay.trace = None
 
     # ------------------------------------------------------------------------------------ the loss
     def _trace(self, inputs, key: str, attention_mask: torch.Tensor) -> RoutingTrace | None:
