@@ -237,7 +237,8 @@ class RoutingReplay(_RouterHooks):
 
     @property
     def replayed_share(self) -> float:
-        return self.replayed_rows / self.routed_rows if self.routed_rows else 0.0
+        routed = int(self.routed_rows)
+        return int(self.replayed_rows) / routed if routed else 0.0
 
     def _trace_rows(self, position: int, device) -> torch.Tensor:
         """(rows, k) the trace's experts for this call's rows of sparse layer `position`."""
@@ -286,8 +287,9 @@ class RoutingReplay(_RouterHooks):
         if calls.attention_mask is not None:
             real = calls.attention_mask[:, -calls.seq:].bool().to(recorded.device)
         rows = recorded.reshape(calls.batch, calls.seq, -1).all(-1)
-        self.replayed_rows += int((rows & real).sum())
-        self.routed_rows += int(real.sum())
+        # Summed on the device: read (one host sync) only when `replayed_share` is asked for.
+        self.replayed_rows = self.replayed_rows + (rows & real).sum()
+        self.routed_rows = self.routed_rows + real.sum()
 
 
 @contextmanager
