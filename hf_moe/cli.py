@@ -31,7 +31,18 @@ from .errors import UserError, user_message
 POSITIONALS = {"upcycle": ("source", "output_dir"), "export": ("source", "output_dir"),
                "prune": ("source", "output_dir"),
                "finetune": ("model_path",),
-               "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id")}
+               "evaluate": ("model_path",), "check": ("folder",), "publish": ("folder", "repo_id"),
+               "adapter-export": ("adapter", "output_dir"), "adapter-check": ("adapter",)}
+# `hf-moe adapter export ...` runs the command "adapter-export": two-word commands are one name in `_commands()`.
+GROUPS = ("adapter",)
+
+
+@dataclass
+class ExitReport(Report):
+    """A result printed like a `Report`, after which `hf-moe` exits with `status`: a command that ran and found
+    problems (1, as `diff` and `grep` do), which is not a user error (2)."""
+
+    status: int = 1
 
 
 def _demo(args) -> list[dict]:
@@ -205,6 +216,26 @@ def _publish(args) -> Report:
     return Report(data, text)
 
 
+def _adapter_export(args) -> Report:
+    from .adapters import run_adapter_export
+
+    exported = run_adapter_export(args)
+    ranks = ", ".join(f"{name} {rank}" for name, rank in exported.ranks.items())
+    data = {"output_dir": str(exported.path), "layout": exported.layout, "ranks": exported.ranks,
+            "tensors": exported.tensors, "bytes": exported.bytes}
+    return Report(data, f"{exported.layout} adapter written to {exported.path} (ranks: {ranks}; {exported.tensors} "
+                        f"tensors, {exported.bytes} bytes)")
+
+
+def _adapter_check(args) -> Report:
+    from .adapters import run_adapter_check
+
+    result = run_adapter_check(args)
+    if result.ok:
+        return Report(result.to_dict(), result.text())
+    return ExitReport(result.to_dict(), result.text(), status=1)  # problems found: status 1, not a user error
+
+
 def _with_positionals(argv: list[str], names: tuple[str, ...]) -> list[str]:
     """`hf-moe upcycle SRC OUT --x 1` -> `--source SRC --output_dir OUT --x 1` (leading bare words only)."""
     result, index = [], 0
@@ -237,6 +268,12 @@ def _commands() -> dict:
                   "FOLDER: is the model folder ready for the Hub? one line per problem"),
         "publish": ("hf_moe.hub.publish:PublishArguments", _publish, "FOLDER REPO_ID: check, then upload the "
                     "allow-listed files (--dry-run: list them)"),
+        "adapter-export": ("hf_moe.adapters.export:AdapterExportArguments", _adapter_export, "ADAPTER OUT --layout "
+                           "per-expert|fused|merged [--base MODEL]: an expert LoRA adapter in the layout an engine "
+                           "reads (vLLM / SGLang per expert, peft fused), or merged into its base"),
+        "adapter-check": ("hf_moe.adapters.check:AdapterCheckArguments", _adapter_check, "ADAPTER [--engine vllm|"
+                          "sglang|peft] [--base MODEL]: which expert LoRA tensors the engine would ignore, reject or "
+                          "misapply; one line per problem, status 1 when there is any"),
         "benchmark": ("hf_moe.recipes.benchmark_blocks:SparseBlockBenchmarkArguments", _benchmark,
                       "time the sparse blocks against references"),
         "benchmark-balancing": ("hf_moe.recipes.balancing:BalancingBenchmarkArguments", _benchmark_balancing,
@@ -289,9 +326,23 @@ def version_line() -> str:
     return f"hf-moe {__version__} (transformers {versions['transformers']}, torch {versions['torch']})"
 
 
+def display_name(command: str) -> str:
+    """How people type a command: "adapter-export" is `adapter export`."""
+    group, _, rest = command.partition("-")
+    return f"{group} {rest}" if group in GROUPS and rest else command
+
+
+def _command_argv(argv: list[str], commands: dict) -> list[str]:
+    """`["adapter", "export", ...]` -> `["adapter-export", ...]`; anything else unchanged."""
+    if argv[:1] and argv[0] in GROUPS and len(argv) > 1 and f"{argv[0]}-{argv[1]}" in commands:
+        return [f"{argv[0]}-{argv[1]}", *argv[2:]]
+    return argv
+
+
 def _usage(commands: dict) -> str:
-    listing = "\n".join(f"  {name:<17} {help_text}" for name, (_, _, help_text) in commands.items())
-    return (f"{version_line()}\n\nusage: hf-moe {{{','.join(commands)}}} [options] [--json] [--debug]\n"
+    listing = "\n".join(f"  {display_name(name):<17} {help_text}" for name, (_, _, help_text) in commands.items())
+    names = ",".join(display_name(name) for name in commands)
+    return (f"{version_line()}\n\nusage: hf-moe {{{names}}} [options] [--json] [--debug]\n"
             f"       hf-moe --version\n\n{listing}\n\n`hf-moe COMMAND --help` lists a command's options.")
 
 
@@ -313,9 +364,15 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] in (["-h"], ["--help"]):  # asked for: stdout, like argparse's --help of every subcommand
         print(_usage(commands))
         raise SystemExit(0)
+    argv = _command_argv(argv, commands)
     if not argv or argv[0] not in commands:  # a usage error: stderr, status 2, as argparse does
         print(_usage(commands), file=sys.stderr)
-        problem = f"unknown command {argv[0]!r}" if argv else "choose a command"
+        if argv[:1] and argv[0] in GROUPS:
+            choices = " or ".join(f"`{display_name(name)}`" for name in commands if name.startswith(f"{argv[0]}-"))
+            given = f"unknown command {' '.join(argv[:2])!r}: " if len(argv) > 1 else ""
+            problem = f"{given}choose {choices}"
+        else:
+            problem = f"unknown command {argv[0]!r}" if argv else "choose a command"
         print(f"hf-moe: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     command = argv[0]
@@ -327,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         run, arguments = parse_command(argv, commands)  # the dataclasses' validation errors obey --json/--debug too
         result = run(*arguments)
     except KeyboardInterrupt:
-        print(f"hf-moe {command}: interrupted", file=sys.stderr)
+        print(f"hf-moe {display_name(command)}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
         message = user_message(error)
@@ -337,10 +394,12 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exception(error)
         if getattr(error, "report", None) is not None:  # e.g. the failed checks behind the error
             print(render(error.report, as_json))
-        print(f"hf-moe {command}: error: {message}", file=sys.stderr)
+        print(f"hf-moe {display_name(command)}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     if result is not None:
         print(render(result, as_json))
+    if isinstance(result, ExitReport) and result.status:
+        raise SystemExit(result.status)
 
 
 def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
@@ -353,13 +412,13 @@ def parse_command(argv: list[str], commands: dict | None = None) -> tuple:
     arguments_classes = _arguments_classes(spec)  # one dataclass, or several (finetune: + TrainingArguments)
     shared = make_dataclass("OutputOptions", [(option.name, option.type, option)
                                               for option in _shared_options(arguments_classes)])
-    parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {command}",
-                              description=f"hf-moe {__version__} {command}: {help_text}")
+    parser = HfArgumentParser((*arguments_classes, shared), prog=f"hf-moe {display_name(command)}",
+                              description=f"hf-moe {__version__} {display_name(command)}: {help_text}")
     options = _with_positionals(argv[1:], POSITIONALS.get(command, ()))
     *arguments, unrecognized = parser.parse_args_into_dataclasses(args=options, return_remaining_strings=True)
     if unrecognized:  # HfArgumentParser's own message names the parser class, not the command
-        raise ValueError(f"unrecognized arguments: {' '.join(unrecognized)} (`hf-moe {command} --help` lists the "
-                         "options)")
+        raise ValueError(f"unrecognized arguments: {' '.join(unrecognized)} (`hf-moe {display_name(command)} --help` "
+                         "lists the options)")
     return run, list(arguments[:len(arguments_classes)])
 
 

@@ -138,6 +138,24 @@ def test_a_user_error_with_a_report_prints_the_report_then_the_line(monkeypatch,
     assert captured.err.strip() == "hf-moe check: error: 1 of 2 checks failed"
 
 
+def test_a_result_with_an_exit_status_prints_the_report_then_exits_with_it(monkeypatch, capsys):
+    """`hf-moe adapter check` found problems: its report, then status 1 (not 2: the input was fine)."""
+    from hf_moe import cli
+
+    def finding(args):
+        return cli.ExitReport({"ok": False}, "1 problem: x would reject it", status=1)
+
+    commands = cli._commands()
+    monkeypatch.setattr(cli, "_commands", lambda: {**commands, "adapter-check": (commands["benchmark-stats"][0],
+                                                                                  finding, "")})
+    for argv, out in ((["adapter", "check"], "1 problem: x would reject it\n"), (["adapter", "check", "--json"],
+                                                                                 '{\n "ok": false\n}\n')):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(argv)
+        assert exit_info.value.code == 1 and capsys.readouterr() == (out, "")
+    assert "  adapter check " in cli._usage(cli._commands()) and cli.display_name("adapter-check") == "adapter check"
+
+
 def test_generic_report_layouts():
     assert table([{"name": "a", "n": 3}, {"name": "bb", "n": 12}]).splitlines() == [
         "name   n", "----  --", "a      3", "bb    12"]
@@ -190,7 +208,8 @@ def test_finetune_with_a_malformed_jsonl_dataset_says_one_error_line_naming_the_
     assert lines[-1].startswith(f"hf-moe finetune: error: {dataset}: line 13 is not valid JSON (Expecting value")
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["prune", "--help"], ["finetune", "-h"]])
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["prune", "--help"], ["finetune", "-h"],
+                                  ["adapter", "check", "--help"]])
 def test_help_prints_on_stdout_with_status_0(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(argv)
@@ -200,8 +219,12 @@ def test_help_prints_on_stdout_with_status_0(argv, capsys):
     assert captured.out.startswith("hf-moe " if len(argv) == 1 else f"usage: hf-moe {argv[0]} ")
 
 
-@pytest.mark.parametrize("argv, error", [([], "hf-moe: error: choose a command"),
-                                         (["bogus"], "hf-moe: error: unknown command 'bogus'")])
+@pytest.mark.parametrize("argv, error", [
+    ([], "hf-moe: error: choose a command"), (["bogus"], "hf-moe: error: unknown command 'bogus'"),
+    (["adapter"], "hf-moe: error: choose `adapter export` or `adapter check`"),
+    (["adapter", "bogus"],
+     "hf-moe: error: unknown command 'adapter bogus': choose `adapter export` or `adapter check`"),
+])
 def test_a_missing_or_unknown_command_prints_the_usage_on_stderr_with_status_2(argv, error, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(argv)
