@@ -26,7 +26,7 @@ experts differ and routing matters; drop ratio 0.1 by default, which keeps the u
 chat-formatted instruction prompts; `deepseek_v3` = a tiny random transformers DeepSeek-V3 (8 experts, top-2,
 2 groups with 1 kept, random routers and a non-zero `e_score_correction_bias`), random token prompts;
 `hf_moe_tiny` = a tiny random hf_moe model (for smoke tests). All models run in eval mode (no dropout, no router
-jitter; upcycled models are dropless). Results and commands: docs/rl_measurements.md.
+jitter; upcycled models are dropless). Results and commands: docs/rl.md.
 """
 
 import copy
