@@ -20,7 +20,7 @@ Per layout (per-expert, fused, merged):
    measured the same way, to show that the adapter changes the answers at all.
 
 Writes `output_dir/results.json` and `output_dir/results.md` (tables, also printed). Commands and results:
-docs/adapters_measurements.md.
+docs/adapters.md.
 """
 
 import contextlib
