@@ -48,6 +48,10 @@ class ExpertFactors:
             return self
         return ExpertFactors(self.a, (self.b.float() * (self.scaling / scaling)).to(self.b.dtype), scaling)
 
+    def error_of(self, other: "ExpertFactors") -> float:
+        """max |delta - other's delta| over every expert: what an approximate rewrite measurably changes."""
+        return float((self.delta() - other.delta()).abs().max())
+
 
 def shares_a(gate: ExpertFactors, up: ExpertFactors) -> bool:
     """Whether gate and up can be written as one fused rank-r pair: the same `a` for every expert, same scaling."""

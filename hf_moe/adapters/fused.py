@@ -17,7 +17,7 @@ import torch
 from .base import BaseModel, SparseLayer
 from .canonical import ExpertAdapter, ExpertFactors, shares_a
 from .names import FUSED_KEY, FUSED_PARAMETERS, PEFT_PREFIX, PER_EXPERT_PROJECTIONS, fused_key
-from .peft_config import alpha_for, is_expert_target, target_scaling
+from .peft_config import alpha_for, is_expert_target, scaling_for, target_scaling
 
 B_LAYOUTS = ("rank_major", "grouped_by_expert")
 
@@ -108,8 +108,10 @@ def fused_pair(gate: ExpertFactors, up: ExpertFactors, interleaved: bool, approx
     if shares_a(gate, up):
         return ExpertFactors(gate.a, join_gate_up(gate.b, up.b, interleaved), gate.scaling)
     if up.scaling != gate.scaling:
-        approximations.append(f"{where}: up's scaling {up.scaling} folded into lora_B to share gate's {gate.scaling}")
-        up = up.rescaled(gate.scaling)
+        rescaled = up.rescaled(gate.scaling)
+        approximations.append(f"{where}: up's scaling {up.scaling} folded into lora_B to share gate's {gate.scaling} "
+                              f"(max |Δ delta| {up.error_of(rescaled):.2g})")
+        up = rescaled
     a = torch.cat([gate.a, up.a], dim=1)
     gate_b = torch.cat([gate.b, gate.b.new_zeros(*gate.b.shape[:2], up.rank)], dim=2)
     up_b = torch.cat([up.b.new_zeros(*up.b.shape[:2], gate.rank), up.b], dim=2)
@@ -169,7 +171,10 @@ def fused_config(adapter: ExpertAdapter, fused: dict[tuple[int, str], ExpertFact
                 continue
             alpha, exact = alpha_for(factors.scaling, factors.rank, rslora)
             if not exact:
-                approximations.append(f"{full_name}: scaling {factors.scaling} is not alpha / rank exactly")
+                error = abs(factors.scaling - scaling_for(alpha, factors.rank, rslora)) / factors.scaling * float(
+                    factors.delta().abs().max())
+                approximations.append(f"{full_name}: scaling {factors.scaling} is not alpha / rank exactly "
+                                      f"(max |Δ delta| {error:.2g})")
             needed[index] = (factors.rank, alpha)
         if not needed:
             continue

@@ -153,9 +153,9 @@ def per_expert_adapter(adapter: ExpertAdapter, approximations: list[str]
     for index, forms in chosen.items():
         for projection, factors in forms.items():
             if factors.scaling != scaling:
-                approximations.append(f"layer {index} {projection}: scaling {factors.scaling} folded into lora_B to "
-                                      f"share {scaling}")
                 forms[projection] = factors.rescaled(scaling)
+                approximations.append(f"layer {index} {projection}: scaling {factors.scaling} folded into lora_B to "
+                                      f"share {scaling} (max |Δ delta| {factors.error_of(forms[projection]):.2g})")
     other_names = adapter.other_target_names()
     new = without_expert_patterns(config, adapter.expert_target_names(), other_names)
     new.pop("lora_B_layout", None)
@@ -167,7 +167,11 @@ def per_expert_adapter(adapter: ExpertAdapter, approximations: list[str]
     if rank != config["r"] or scaling_for(alpha, config["r"], False) != scaling:
         alpha, exact = alpha_for(scaling, rank, False)
         if not exact:
-            approximations.append(f"scaling {scaling} is not alpha / {rank} exactly")
+            written = scaling_for(alpha, rank, False)
+            largest = max(float(factors.delta().abs().max()) / factors.scaling
+                          for forms in chosen.values() for factors in forms.values())
+            approximations.append(f"scaling {scaling} is not alpha / {rank} exactly (max |Δ delta| "
+                                  f"{abs(scaling - written) * largest:.2g})")
         new["r"], new["lora_alpha"] = rank, alpha
         pin_targets(new, config, other_names)
     dtype = next(iter(next(iter(chosen.values())).values())).a.dtype
