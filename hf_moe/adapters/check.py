@@ -23,6 +23,14 @@ What each engine reads (the names and layouts are those of `names.py`):
   types); elsewhere their keys match no module and are loaded with a warning and never applied (or, when no
   `target_modules` entry names a module of the base, refused).
 
+Where this was read (late 2026): vLLM `vllm/lora/model_manager.py`, `vllm/lora/lora_model.py`,
+`vllm/lora/layers/fused_moe.py` (`is_3d_moe_weight`, `pack_moe`, `_stack_moe_lora_weights`); SGLang
+`python/sglang/srt/lora/` (`LoRAAdapter._rename_expert_w_to_proj`, `normalize_gate_up_proj`; MoE LoRA from PR
+#14105); peft 0.21.2 `peft/tuners/lora/layer.py` (`ParamWrapper`) and `peft/utils/transformers_weight_conversion.py`;
+unsloth-zoo PRs #1232 / #1269 (the `lora_B_layout` marker, unsloth issue #6930). Not verified first-hand: Mixtral's
+`block_sparse_moe` name on vLLM's latest main, SGLang's gpt-oss names, and whether SGLang reads peft's fused keys
+(PRs #25528 / #27381 add it; their merge state was not established).
+
 hf_moe bases are served by vLLM and SGLang as their native export (`hf-moe export`), whose per-expert names the
 per-expert form uses; peft loads the base itself. Routers and other modules are listed but not judged ("unchecked"):
 whether the engines apply LoRA on a router is not established here.
