@@ -207,14 +207,16 @@ class _StandInVllmEngine:
         self.routed = {}  # prompt + completion tokens -> (sequence positions routed, sparse layers, k)
 
     def generate(self, prompts, sampling_params=None, use_tqdm=False):
-        import numpy as np
         from types import SimpleNamespace
+
+        import numpy as np
 
         outputs = []
         for prompt in prompts:
             calls = []
             handles = [layer.router.register_forward_hook(
-                lambda module, args, output, position=position: calls.append((position, output[2].clone())))
+                lambda module, args, output, position=position, calls=calls:
+                calls.append((position, output[2].clone())))
                 for position, layer in enumerate(find_moe_layers(self.model))]
             with torch.no_grad():
                 sequence = self.model.generate(torch.tensor([prompt["prompt_token_ids"]]), do_sample=False,

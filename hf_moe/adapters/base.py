@@ -42,6 +42,7 @@ class BaseModel:
     family: ExpertFamily
     layers: dict[int, SparseLayer]
     module_names: frozenset[str]
+    router_names: frozenset[str]  # the sparse layers' routers (`hf_moe.moe_layers`)
 
     @property
     def config(self):
@@ -64,8 +65,9 @@ def open_base(source: str | Path) -> BaseModel:
         raise ValueError(f"base {source} ({config.model_type}) has no routed experts")
     model = meta_model(config)
     modules = dict(model.named_modules())
-    layers = {}
+    layers, routers = {}, set()
     for moe_layer in find_moe_layers(model):
+        routers.add(moe_layer.router_name)
         experts = modules.get(moe_layer.experts_name) if moe_layer.experts_name else None
         gate_up = getattr(experts, "gate_up_proj", None)
         down = getattr(experts, "down_proj", None)
@@ -77,4 +79,4 @@ def open_base(source: str | Path) -> BaseModel:
                                               double_intermediate // 2)
     if not layers:
         raise ValueError(f"base {source} ({config.model_type}) has no sparse layer hf_moe.moe_layers recognises")
-    return BaseModel(folder, family, layers, frozenset(modules))
+    return BaseModel(folder, family, layers, frozenset(modules), frozenset(routers))

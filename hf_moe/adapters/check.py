@@ -43,15 +43,13 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..checkpoints.names import HF_MOE_MODEL_TYPES, meta_model
-from ..moe_layers import find_moe_layers
+from ..checkpoints.names import HF_MOE_MODEL_TYPES
 from ..text_table import table
 from .base import BaseModel, SparseLayer, open_base
-from .export import _default_base
 from .fused import B_LAYOUTS
 from .names import FUSED_KEY, LORA_KEY, PEFT_PREFIX, PER_EXPERT_KEY, PER_EXPERT_PROJECTIONS
 from .peft_config import target_scaling
-from .reading import ADAPTER_WEIGHTS, read_adapter_config
+from .reading import ADAPTER_WEIGHTS, default_base, read_adapter_config
 
 ENGINES = ("vllm", "sglang", "peft")
 ACTIONS = ("reject", "misapply", "ignore")  # most severe first: a tensor named by several problems shows the first
@@ -196,12 +194,8 @@ def _natural(key: str) -> list:
 
 
 def _router_names(base: BaseModel) -> set[str]:
-    names = set()
-    for layer in find_moe_layers(meta_model(base.config)):
-        names.add(layer.router_name)
-        block = base.family.sparse_block  # v4 names (Mixtral's block_sparse_moe.gate) name the same router
-        names.add(re.sub(r"\.mlp\.(?=[^.]+$)", f".{block}.", layer.router_name))
-    return names
+    block = base.family.sparse_block  # v4 names (Mixtral's block_sparse_moe.gate) name the same router
+    return {*base.router_names, *(re.sub(r"\.mlp\.(?=[^.]+$)", f".{block}.", name) for name in base.router_names)}
 
 
 def _classify(shapes: dict, base: BaseModel) -> tuple[dict[str, TensorTarget], list[_Pair], list[_Pair]]:
@@ -649,7 +643,7 @@ def check_adapter(adapter_dir: str | Path, engine: str = "vllm", base: str | Pat
         pickled = (folder / "adapter_model.bin").is_file()
         raise ValueError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}"
                          f"{' (found adapter_model.bin: only safetensors is read)' if pickled else ''}")
-    base_model = open_base(base or _default_base(config, str(adapter_dir)))
+    base_model = open_base(base or default_base(config, str(adapter_dir)))
     targets, fused, per_expert = _classify(_shapes(weights), base_model)
     checker = _Checker(folder, base, config, base_model, engine, has_fused=bool(fused))
     checker.fused(fused)

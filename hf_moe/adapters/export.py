@@ -25,7 +25,7 @@ from .merged import write_merged
 from .names import PROJECTIONS
 from .peft_config import without_expert_patterns
 from .per_expert import per_expert_adapter
-from .reading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter, read_adapter_config
+from .reading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, default_base, read_adapter, read_adapter_config
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +95,13 @@ def export_adapter(adapter_dir: str | Path, output_dir: str | Path | None, layou
         **options))
 
 
-def _default_base(config: dict, adapter: str) -> str:
-    base = config.get("base_model_name_or_path")
-    if base and Path(base).is_dir():
-        return base
-    raise ValueError(f"{adapter}: pass `base`, the base model folder (the adapter's base_model_name_or_path "
-                     f"{base!r} is not a local folder)")
-
 
 def run_adapter_export(args: AdapterExportArguments) -> ExportedAdapter:
     """Export as `args` describe; see [`export_adapter`]."""
     output_dir = resolve_output_dir(args.output_dir or None, overwrite=args.overwrite,
                                     default=f"{str(args.adapter).rstrip('/')}-{args.layout}")
     config = read_adapter_config(args.adapter)
-    base = open_base(args.base or _default_base(config, args.adapter))
+    base = open_base(args.base or default_base(config, args.adapter))
     adapter = read_adapter(args.adapter, base, args.lora_B_layout)
     if args.layout == "merged":
         path = write_merged(adapter, output_dir, args.overwrite, args.max_shard_size)

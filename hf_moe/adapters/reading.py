@@ -39,6 +39,15 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     return config
 
 
+def default_base(config: dict, adapter: str) -> str:
+    """The adapter's base folder when none is given: its `base_model_name_or_path`, if that is a local folder."""
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).is_dir():
+        return base
+    raise ValueError(f"{adapter}: pass `base`, the base model folder (the adapter's base_model_name_or_path "
+                     f"{base!r} is not a local folder)")
+
+
 def read_adapter(adapter_dir: str | Path, base: BaseModel, lora_B_layout: str | None = None) -> ExpertAdapter:
     """The adapter at `adapter_dir` in canonical form, checked against `base` (E, H, I and the sparse layers of its
     experts, the ranks against adapter_config.json).

@@ -99,9 +99,9 @@ class _Positions:
 class _RouterHooks:
     """Attach / detach: a pre-hook on the decoder stack and a forward hook on each router."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers: list[MoeLayer] | None = None):
         self.model = model
-        self.layers = sparse_layers(model)
+        self.layers = sparse_layers(model) if layers is None else layers  # a caller hooking often finds them once
         self.positions = _Positions()
         self._handles = []
 
@@ -129,8 +129,8 @@ class RoutingRecorder(_RouterHooks):
     empty one) begins a new batch; cached continuations (`generate`'s decoding steps) extend it. `trace` is the
     last batch, `traces` all of them."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, layers: list[MoeLayer] | None = None):
+        super().__init__(model, layers)
         self._batches = []  # per batch: {"calls": [(start, seq, {layer position: (batch, seq, r, k)})], "mask",
         # "length": the final sequences' length when a `generate` made them}
 
@@ -212,8 +212,9 @@ class RoutingReplay(_RouterHooks):
     instead (a caller scoring the batch in chunks, as TRL does): each forward that does not continue a KV cache takes
     the sequences after the previous forward's, from the first again whenever `trace` is set."""
 
-    def __init__(self, model: nn.Module, trace: RoutingTrace | None = None, chunks: bool = False):
-        super().__init__(model)
+    def __init__(self, model: nn.Module, trace: RoutingTrace | None = None, chunks: bool = False,
+                 layers: list[MoeLayer] | None = None):
+        super().__init__(model, layers)
         self._conventions = {}
         self.chunks = chunks
         self.trace = trace
@@ -293,7 +294,7 @@ class RoutingReplay(_RouterHooks):
 
 
 @contextmanager
-def record_routing(model: nn.Module):
+def record_routing(model: nn.Module, layers: list[MoeLayer] | None = None):
     """Record the experts every token of every forward (or `generate`) inside the block was sent to.
 
     ```python
@@ -303,7 +304,7 @@ def record_routing(model: nn.Module):
     ```
     The last generated token is NOT_RECORDED: no forward reads it.
     """
-    recorder = RoutingRecorder(model).attach()
+    recorder = RoutingRecorder(model, layers).attach()
     try:
         yield recorder
     finally:

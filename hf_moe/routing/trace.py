@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 NOT_RECORDED = -1
@@ -135,8 +136,6 @@ class RoutingTrace:
 
     @classmethod
     def load(cls, path: str | Path) -> "RoutingTrace":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as file:
             metadata = file.metadata() or {}
         if metadata.get("format") != _FORMAT:

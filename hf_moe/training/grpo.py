@@ -117,7 +117,9 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
             if self.use_vllm and (self.pad_to_multiple_of is not None or self.vllm_tensor_parallel_size > 1):
                 raise ValueError("routing replay of vLLM rollouts lays prompts out as TRL does without "
                                  "`pad_to_multiple_of` and with `vllm_tensor_parallel_size=1`")
-        self._replay = RoutingReplay(self._policy, chunks=True).attach() if self.routing_replay else None
+        self._replay = None
+        if self.routing_replay:
+            self._replay = RoutingReplay(self._policy, chunks=True, layers=self._layers).attach()
         self._ref_replay = None
         if self.routing_replay and self.ref_model is not None:  # a separate reference model (not peft's)
             self._ref_replay = RoutingReplay(self.accelerator.unwrap_model(self.ref_model), chunks=True).attach()
@@ -149,7 +151,7 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
             result = super()._generate_single_turn(prompt_ids, *args, **kwargs)
             self._rollout_trace = self._vllm_trace()
             return result
-        with record_routing(self._policy) as recorder:
+        with record_routing(self._policy, self._layers) as recorder:
             result = super()._generate_single_turn(prompt_ids, *args, **kwargs)
         self._rollout_trace = recorder.trace if recorder.traces else None
         return result
@@ -203,7 +205,7 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
         policy = model is self.model
         if (policy and self.routing_replay == "first_step" and self._first_step_trace is None
                 and self._old_log_probs_scored()):  # the first policy forward on the batch: TRL's old log-probs
-            with record_routing(self._policy) as recorder:
+            with record_routing(self._policy, self._layers) as recorder:
                 result = score(model, input_ids, attention_mask, logits_to_keep, *args, **kwargs)
             self._first_step_trace = RoutingTrace.concatenate(recorder.traces)  # one per chunk TRL scored
             return result
@@ -238,7 +240,7 @@ class MoeGRPOTrainer(_ModelAuxLossMixin, GRPOTrainer):
         if self._replay is not None:
             self._replay.trace = replayed  # kept until the step's backward ran (`training_step`)
             self._replay.reset_counts()
-        with record_routing(self._policy) if rollout is not None else nullcontext() as recorder:
+        with record_routing(self._policy, self._layers) if rollout is not None else nullcontext() as recorder:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         if rollout is not None:
